@@ -1,0 +1,1 @@
+"""Distribution objects over latent structures (batch-first, torch.distributions-like)."""

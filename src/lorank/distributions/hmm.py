@@ -1,0 +1,227 @@
+"""HMM posterior distributions over state paths, batch-first, like ``torch.distributions``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from lorank._checks import check_lengths, check_positive_int, check_tensor
+from lorank.dp import chain
+from lorank.factors import Factor, LowRank
+from lorank.semiring import EntropySemiring
+
+
+def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths):
+    """Validate the HMM inputs; return (init_logp (B, Z), lengths (B,))."""
+    if not isinstance(transition, Factor):
+        raise TypeError(
+            "transition must be a lorank factor (Dense, LowRank, Banded or a sum), "
+            f"got {type(transition).__name__}"
+        )
+    check_tensor("emission", emission, ndim=3)
+    b, t_len, z = emission.shape
+    if t_len < 1:
+        raise ValueError(f"emission must have at least one time step, got shape {(b, t_len, z)}")
+    check_tensor("init", init, ndim=(1, 2))
+    if init.shape[-1] != z or (init.dim() == 2 and init.shape[0] != b):
+        raise ValueError(
+            f"init must have shape ({z},) or ({b}, {z}) to match emission {tuple(emission.shape)}, "
+            f"got {tuple(init.shape)}"
+        )
+    if transition.num_states != z:
+        raise ValueError(
+            f"transition has {transition.num_states} states but emission "
+            f"{tuple(emission.shape)} has {z}"
+        )
+    if len(transition.batch_shape) and tuple(transition.batch_shape) != (b,):
+        raise ValueError(
+            f"a batched transition must have batch shape ({b},) to match emission "
+            f"{tuple(emission.shape)}, got {tuple(transition.batch_shape)}"
+        )
+    lengths = check_lengths(lengths, b, t_len, emission.device)
+    init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
+    return init_logp, lengths
+
+
+class HMM:
+    """Posterior over state paths of an HMM given the emission log-likelihoods of a sequence.
+
+    Args:
+        init: initial-state logits (Z,) or (B, Z) (softmax-normalized here).
+        transition: a factor (``Dense``, ``LowRank``, ``Banded`` or a sum), shared or batched.
+        emission: (B, T, Z) log-likelihoods ``log p(x_t | z_t)`` of the observed sequence.
+        lengths: (B,) sequence lengths in [1, T]; default all T.
+        memory_light: for ``LowRank``, a custom backward saving O(B T R) instead of O(B T Z).
+
+    The model is ``p(x, z) = p(z_1) prod_t p(z_t | z_{t-1}) prod_t p(x_t | z_t)``
+    (Chiu, Deng & Rush, NeurIPS 2021 for the low-rank transition).
+    """
+
+    def __init__(
+        self,
+        init: torch.Tensor,
+        transition: Factor,
+        emission: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        memory_light: bool = False,
+    ):
+        self.init_logp, self.lengths = _prepare(init, transition, emission, lengths)
+        self.transition = transition
+        self.emission = emission
+        self.memory_light = memory_light
+        self.batch_size, self.max_length, self.num_states = emission.shape
+
+    # ---- sum-product -------------------------------------------------------------------
+    def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
+        return chain.log_partition(
+            self.init_logp, self.transition, emission, self.lengths, self.memory_light
+        )
+
+    @cached_property
+    def log_partition(self) -> torch.Tensor:
+        """``log p(x)`` per sequence: (B,). Differentiable."""
+        return self._log_partition(self.emission)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T) bool: True at real (non-padded) positions."""
+        steps = torch.arange(self.max_length, device=self.emission.device)
+        return steps.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    @cached_property
+    def marginals(self) -> torch.Tensor:
+        """State posteriors ``p(z_t = j | x)``: (B, T, Z), zero at padding; from autograd of
+        the log-partition with respect to the emissions."""
+        with torch.enable_grad():
+            em = self.emission.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._log_partition(em).sum(), em)
+        return grad * self.mask.unsqueeze(-1)
+
+    # ---- max-product -------------------------------------------------------------------
+    @cached_property
+    def _viterbi(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return chain.viterbi(
+                self.init_logp, self.transition.log_probs(), self.emission, self.lengths
+            )
+
+    @property
+    def argmax(self) -> torch.Tensor:
+        """The exact most probable state path (Viterbi): (B, T) long, -1 at padding.
+        Materializes the Z x Z transition (max-product does not factor through rank space)."""
+        return self._viterbi[1]
+
+    @property
+    def max_score(self) -> torch.Tensor:
+        """``max_z log p(x, z)``: (B,)."""
+        return self._viterbi[0]
+
+    # ---- other queries -----------------------------------------------------------------
+    def sample(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Exact posterior samples by forward filtering, backward sampling:
+        (*sample_shape, B, T) long, -1 at padding."""
+        shape = torch.Size(sample_shape)
+        n = shape.numel()
+        with torch.no_grad():
+            out = chain.sample(
+                self.init_logp, self.transition, self.emission, self.lengths, n, generator
+            )
+        return out.reshape(*shape, self.batch_size, self.max_length)
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the posterior over paths: (B,), by the entropy semiring on the dense
+        transition (Z x Z)."""
+        return chain.semiring_forward(
+            self.init_logp,
+            self.transition.log_probs(),
+            self.emission,
+            self.lengths,
+            EntropySemiring,
+        )
+
+    def score(self, path: torch.Tensor) -> torch.Tensor:
+        """``log p(x, z)`` for state paths (..., B, T); positions past ``lengths`` ignored."""
+        path = self._check_path(path)
+        return chain.path_score(self.init_logp, self.transition, self.emission, self.lengths, path)
+
+    def log_prob(self, path: torch.Tensor) -> torch.Tensor:
+        """``log p(z | x)`` for state paths (..., B, T): (..., B)."""
+        return self.score(path) - self.log_partition
+
+    def _check_path(self, path: torch.Tensor) -> torch.Tensor:
+        if not isinstance(path, torch.Tensor) or path.is_floating_point():
+            raise TypeError(f"path must be an integer tensor, got {getattr(path, 'dtype', path)}")
+        want = (self.batch_size, self.max_length)
+        if path.dim() < 2 or tuple(path.shape[-2:]) != want:
+            raise ValueError(f"path must have shape (..., {want[0]}, {want[1]}), got "
+                             f"{tuple(path.shape)}")
+        real = path[..., self.mask]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_states):
+            raise ValueError(
+                f"path states must lie in [0, {self.num_states}) within lengths, got "
+                f"min {int(real.min())} and max {int(real.max())}"
+            )
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"HMM(batch={self.batch_size}, T={self.max_length}, states={self.num_states}, "
+            f"transition={self.transition!r})"
+        )
+
+
+class RankSpaceHMM:
+    """An HMM with a ``LowRank`` transition, marginalized in rank space (Yang, Liu & Tu 2022).
+
+    With ``P = A C^T`` (A row-stochastic, C column-stochastic, both Z x R), summing out each
+    state ``z_t`` leaves a chain over R rank states ``r_t`` whose step transition, with the
+    emission attached, is ``M_t = C^T diag(p(x_t | .)) A``: an R-state HMM whose emission-free
+    transition ``C^T A`` has nonnegative rank <= Z.  The sequential recursion costs O(R^2) per
+    step; building ``M_t`` costs O(Z R^2) per step, in parallel over time.  ``log_partition``
+    equals that of ``HMM(init, transition, emission)``; marginals are over the Z states.
+    """
+
+    def __init__(
+        self,
+        init: torch.Tensor,
+        transition: LowRank,
+        emission: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        max_chunk_elements: int = 1 << 24,
+    ):
+        if not isinstance(transition, LowRank):
+            raise TypeError(
+                f"RankSpaceHMM needs a LowRank transition, got {type(transition).__name__}"
+            )
+        self.init_logp, self.lengths = _prepare(init, transition, emission, lengths)
+        self.transition = transition
+        self.emission = emission
+        self.max_chunk_elements = check_positive_int("max_chunk_elements", max_chunk_elements)
+        self.batch_size, self.max_length, self.num_states = emission.shape
+        self.rank = transition.rank
+
+    def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
+        return chain.rank_space_log_partition(
+            self.init_logp, self.transition, emission, self.lengths, self.max_chunk_elements
+        )
+
+    @cached_property
+    def log_partition(self) -> torch.Tensor:
+        """``log p(x)`` per sequence: (B,)."""
+        return self._log_partition(self.emission)
+
+    @cached_property
+    def marginals(self) -> torch.Tensor:
+        """State posteriors (B, T, Z) from autograd of the rank-space log-partition."""
+        with torch.enable_grad():
+            em = self.emission.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._log_partition(em).sum(), em)
+        steps = torch.arange(self.max_length, device=em.device)
+        return grad * (steps.unsqueeze(0) < self.lengths.unsqueeze(1)).unsqueeze(-1)
+
+    def to_hmm(self) -> HMM:
+        """The same model as a state-space :class:`HMM` (for Viterbi, sampling, entropy)."""
+        return HMM(self.init_logp, self.transition, self.emission, self.lengths)

@@ -1,0 +1,1 @@
+"""Pure dynamic programs: (potentials, factor, lengths, semiring) -> tensors."""

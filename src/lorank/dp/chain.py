@@ -1,0 +1,319 @@
+"""Chain (HMM) dynamic programs as pure functions of potentials, factors and lengths.
+
+Conventions (batch-first):
+
+* ``init_logp``: (B, Z) normalized log initial probabilities;
+* ``factor``: a :class:`lorank.factors.Factor` (row-stochastic transition);
+* ``emission``: (B, T, Z) log-likelihoods ``log p(x_t | z_t)``;
+* ``lengths``: (B,) long, each in [1, T].  Positions ``t >= lengths[b]`` are padding.
+
+The fast sum-product (:func:`log_partition`) runs in scaled probability space: each step is
+``alpha <- (alpha @ P) * exp(emission_t - max)`` followed by a rescale whose log is accumulated,
+so the low-rank factor costs two GEMMs of O(B Z R).  Padding is handled by setting padded
+emissions to 0 (log 1): since every row of ``P`` sums to one, the extra steps preserve the mass,
+which is exact for sum-product.  Max-product and the entropy semiring instead freeze the
+messages past each length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorank.factors import Factor, LowRank, _bmv
+from lorank.semiring import LogSemiring, Semiring
+
+PAD = -1  #: the state index written at padded positions of paths and samples
+
+
+def pad_emission(emission: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A copy of ``emission`` with positions ``t >= lengths[b]`` set to 0 (log 1)."""
+    steps = torch.arange(emission.shape[1], device=emission.device)
+    valid = steps.unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.where(valid.unsqueeze(-1), emission, torch.zeros_like(emission))
+
+
+def _scaled_emission(emission: torch.Tensor, lengths: torch.Tensor):
+    """``exp(em - k)`` with the per-step max ``k`` (detached: log Z is invariant to it)."""
+    em = pad_emission(emission, lengths)
+    k = em.amax(dim=-1).detach()
+    k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+    return (em - k.unsqueeze(-1)).exp(), k
+
+
+def _log_scale(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log c, safe divisor)``: log 0 is a true -inf with a zero (not NaN) gradient."""
+    pos = c > 0
+    safe = torch.where(pos, c, torch.ones_like(c))
+    return torch.where(pos, safe.log(), torch.full_like(c, -math.inf)), safe
+
+
+def log_partition(
+    init_logp: torch.Tensor,
+    factor: Factor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    memory_light: bool = False,
+) -> torch.Tensor:
+    """Forward algorithm in scaled probability space: log p(x) per sequence, (B,).
+
+    ``memory_light`` (LowRank factors only) uses a custom backward whose saved state is the
+    rank-space messages, O(B T R), recomputing the state-space messages on the way back.
+    """
+    e, k = _scaled_emission(emission, lengths)
+    if memory_light:
+        if not isinstance(factor, LowRank):
+            raise TypeError(
+                f"memory_light needs a LowRank transition factor, got {type(factor).__name__}"
+            )
+        a_mat, c_mat = factor.stochastic_factors()
+        return _LowRankForward.apply(init_logp.exp(), a_mat, c_mat, e) + k.sum(1)
+    op = factor.prob_operator()
+    alpha = init_logp.exp() * e[:, 0]
+    logs = []
+    for t in range(e.shape[1]):
+        if t > 0:
+            alpha = op(alpha) * e[:, t]
+        log_c, safe = _log_scale(alpha.sum(-1))
+        logs.append(log_c)
+        alpha = alpha / safe.unsqueeze(-1)
+    return torch.stack(logs, 1).sum(1) + k.sum(1)
+
+
+def _outer_sum(x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``sum_b x[b]^T y[b]``: (Z, R) for a shared factor, per-example (B, Z, R) if batched."""
+    if batched:
+        return x.unsqueeze(-1) * y.unsqueeze(-2)
+    return x.transpose(0, 1) @ y
+
+
+class _LowRankForward(torch.autograd.Function):
+    """Scaled forward for ``P = A C^T`` saving only rank messages (B, T, R) and scales (B, T).
+
+    The backward pass runs the backward algorithm, recomputing each state message from the
+    saved rank message with one GEMM.  Inputs: ``pi`` (B, Z) initial probabilities, ``A``/``C``
+    (Z, R) or (B, Z, R), ``e`` (B, T, Z) scaled emission likelihoods.  Output: sum_t log c_t.
+    """
+
+    @staticmethod
+    def forward(ctx, pi, a_mat, c_mat, e):
+        b, t_len, z = e.shape
+        ct = c_mat.transpose(-1, -2)
+        msgs = e.new_zeros(b, t_len, a_mat.shape[-1])
+        scales = e.new_zeros(b, t_len)
+        alpha = pi * e[:, 0]
+        for t in range(t_len):
+            if t > 0:
+                m = _bmv(alpha, a_mat)
+                msgs[:, t] = m
+                alpha = _bmv(m, ct) * e[:, t]
+            c = alpha.sum(-1)
+            scales[:, t] = c
+            alpha = alpha / torch.where(c > 0, c, torch.ones_like(c)).unsqueeze(-1)
+        ctx.save_for_backward(pi, a_mat, c_mat, e, msgs, scales)
+        log_c, _ = _log_scale(scales)
+        return log_c.sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pi, a_mat, c_mat, e, msgs, scales = ctx.saved_tensors
+        b, t_len, z = e.shape
+        batched = a_mat.dim() == 3
+        ct = c_mat.transpose(-1, -2)
+        at = a_mat.transpose(-1, -2)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        inv = torch.where(scales > 0, 1.0 / safe, torch.zeros_like(scales))
+        grad_a = torch.zeros_like(a_mat)
+        grad_c = torch.zeros_like(c_mat)
+        grad_e = torch.zeros_like(e)
+        beta = grad.unsqueeze(-1).expand(b, z).contiguous()
+        u_t = _bmv(msgs[:, t_len - 1], ct) if t_len > 1 else None
+        for t in range(t_len - 1, 0, -1):
+            # u_t = m_t C^T; alpha_t = u_t * e_t / c_t
+            grad_e[:, t] = u_t * beta * inv[:, t : t + 1]
+            w = e[:, t] * beta * inv[:, t : t + 1]
+            q = _bmv(w, c_mat)  # d/dm_t
+            grad_c += _outer_sum(w, msgs[:, t], batched)
+            if t > 1:
+                u_prev = _bmv(msgs[:, t - 1], ct)
+                alpha_prev = u_prev * e[:, t - 1] * inv[:, t - 1 : t]
+            else:
+                u_prev = None
+                alpha_prev = pi * e[:, 0] * inv[:, 0:1]
+            grad_a += _outer_sum(alpha_prev, q, batched)
+            beta = _bmv(q, at)
+            u_t = u_prev
+        grad_e[:, 0] = pi * beta * inv[:, 0:1]
+        grad_pi = e[:, 0] * beta * inv[:, 0:1]
+        return grad_pi, grad_a, grad_c, grad_e
+
+
+def semiring_forward(
+    init_logp: torch.Tensor,
+    trans_logp: torch.Tensor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    semiring: type[Semiring] = LogSemiring,
+) -> torch.Tensor:
+    """The forward algorithm over any semiring on dense log-potentials ``trans_logp``
+    ((Z, Z) or (B, Z, Z)); messages are frozen past each length. Returns (B,) (entropy:
+    the entropy of the path distribution)."""
+    s = semiring
+    x = s.convert(init_logp + emission[:, 0])
+    trans = s.convert(trans_logp if trans_logp.dim() == 3 else trans_logp.unsqueeze(0))
+    for t in range(1, emission.shape[1]):
+        new = s.matmul(x.unsqueeze(-2), trans).squeeze(-2)
+        new = s.times(new, s.convert(emission[:, t]))
+        active = (t < lengths).unsqueeze(-1)
+        x = torch.where(active, new, x)
+    return s.unconvert(s.sum(x, dim=-1))
+
+
+def viterbi(
+    init_logp: torch.Tensor,
+    trans_logp: torch.Tensor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    max_chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact max-product with backpointers: (best log-score (B,), path (B, T) padded with -1)."""
+    b, t_len, z = emission.shape
+    batched = trans_logp.dim() == 3
+    chunk = max(1, max_chunk_elements // max(1, b * z))
+    score = init_logp + emission[:, 0]
+    identity = torch.arange(z, device=emission.device).expand(b, z)
+    back = []
+    for t in range(1, t_len):
+        bests, args = [], []
+        for j0 in range(0, z, chunk):
+            tj = trans_logp[..., j0 : j0 + chunk]
+            cand = score.unsqueeze(-1) + (tj if batched else tj.unsqueeze(0))
+            best, arg = cand.max(dim=-2)
+            bests.append(best)
+            args.append(arg)
+        new = torch.cat(bests, -1) + emission[:, t]
+        active = (t < lengths).unsqueeze(-1)
+        score = torch.where(active, new, score)
+        back.append(torch.where(active, torch.cat(args, -1), identity))
+    best_score, state = score.max(dim=-1)
+    path = emission.new_full((b, t_len), PAD, dtype=torch.long)
+    path[:, t_len - 1] = state
+    for t in range(t_len - 1, 0, -1):
+        state = back[t - 1].gather(1, state.unsqueeze(1)).squeeze(1)
+        path[:, t - 1] = state
+    steps = torch.arange(t_len, device=emission.device)
+    path = torch.where(steps < lengths.unsqueeze(1), path, torch.full_like(path, PAD))
+    return best_score, path
+
+
+def forward_log_messages(
+    init_logp: torch.Tensor, factor: Factor, emission: torch.Tensor
+) -> torch.Tensor:
+    """Log forward messages ``log p(x_{1:t}, z_t)``: (B, T, Z), by max-shifted GEMMs."""
+    op = factor.log_operator()
+    la = init_logp + emission[:, 0]
+    out = [la]
+    for t in range(1, emission.shape[1]):
+        la = op(la) + emission[:, t]
+        out.append(la)
+    return torch.stack(out, 1)
+
+
+def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+    return (logits + g).argmax(-1)
+
+
+def sample(
+    init_logp: torch.Tensor,
+    factor: Factor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Forward filtering, backward sampling: exact posterior samples (num_samples, B, T),
+    padded with -1.  Each backward step needs one column of ``P`` per sample (O(Z R))."""
+    b, t_len, z = emission.shape
+    la = forward_log_messages(init_logp, factor, emission)
+    batch = torch.arange(b, device=emission.device)
+    last = la[batch, lengths - 1].expand(num_samples, b, z)
+    nxt = _gumbel_argmax(last, generator)
+    out = emission.new_full((num_samples, b, t_len), PAD, dtype=torch.long)
+    out[:, batch, lengths - 1] = nxt
+    for t in range(t_len - 2, -1, -1):
+        active = t < lengths - 1
+        if not bool(active.any()):
+            continue
+        logits = la[:, t].unsqueeze(0) + factor.log_prob_columns(nxt)
+        cur = _gumbel_argmax(logits, generator)
+        nxt = torch.where(active, cur, nxt)
+        out[:, :, t] = torch.where(active, cur, out[:, :, t])
+    return out
+
+
+def path_score(
+    init_logp: torch.Tensor,
+    factor: Factor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    path: torch.Tensor,
+) -> torch.Tensor:
+    """Log joint ``log p(x, z)`` of state paths (..., B, T); positions past lengths ignored."""
+    b, t_len, z = emission.shape
+    valid = torch.arange(t_len, device=path.device) < lengths.unsqueeze(1)  # (B, T)
+    p = torch.where(valid, path, torch.zeros_like(path))
+    lead = p.shape[:-2]
+    em = emission.expand(*lead, b, t_len, z).gather(-1, p.unsqueeze(-1)).squeeze(-1)
+    score = init_logp.expand(*lead, b, z).gather(-1, p[..., :1]).squeeze(-1)
+    score = score + (em * valid).sum(-1)
+    if t_len > 1:
+        i = p[..., :-1].transpose(-1, -2)  # (..., T-1, B): batch index last
+        j = p[..., 1:].transpose(-1, -2)
+        trans = factor.log_prob_entries(i, j).transpose(-1, -2)
+        score = score + torch.where(valid[:, 1:], trans, torch.zeros_like(trans)).sum(-1)
+    return score
+
+
+def rank_space_log_partition(
+    init_logp: torch.Tensor,
+    factor: LowRank,
+    emission: torch.Tensor,
+    lengths: torch.Tensor,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Forward algorithm in rank space (Yang, Liu & Tu, NAACL 2022): log p(x), (B,).
+
+    With ``P = A C^T``, marginalizing each state ``z_t`` gives a chain over rank states whose
+    step-t transition is ``M_t = C^T diag(p(x_t | .)) A`` (R x R).  The matrices are built in
+    parallel over time (O(Z R^2) each, in chunks of at most ``max_chunk_elements``) and the
+    sequential recursion then costs O(R^2) per step.
+    """
+    e, k = _scaled_emission(emission, lengths)
+    b, t_len, z = e.shape
+    a_mat, c_mat = factor.stochastic_factors()
+    r = a_mat.shape[-1]
+    batched = a_mat.dim() == 3
+    alpha = init_logp.exp() * e[:, 0]
+    log_c, safe = _log_scale(alpha.sum(-1))
+    logs = [log_c]
+    alpha = alpha / safe.unsqueeze(-1)
+    if t_len > 1:
+        m = _bmv(alpha, a_mat)  # (B, R): mass over the rank state between z_0 and z_1
+        ct = c_mat.transpose(-1, -2)
+        chunk = max(1, max_chunk_elements // max(1, b * z * r))
+        for t0 in range(1, t_len - 1, chunk):
+            t1 = min(t0 + chunk, t_len - 1)
+            ea = e[:, t0:t1].unsqueeze(-1) * (a_mat.unsqueeze(1) if batched else a_mat)
+            mats = (ct.unsqueeze(1) if batched else ct) @ ea  # (B, t, R, R)
+            for s in range(t1 - t0):
+                m = (m.unsqueeze(-2) @ mats[:, s]).squeeze(-2)
+                log_c, safe = _log_scale(m.sum(-1))
+                logs.append(log_c)
+                m = m / safe.unsqueeze(-1)
+        final = _bmv(e[:, t_len - 1], c_mat)  # (B, R)
+        log_c, _ = _log_scale((m * final).sum(-1))
+        logs.append(log_c)
+    return torch.stack(logs, 1).sum(1) + k.sum(1)

@@ -1,0 +1,401 @@
+"""Transition factors: row-stochastic Z x Z matrices that multiply messages without being built.
+
+A factor holds *unnormalized* log-potentials ``phi[i, j]`` and is normalized per row,
+``P[i, j] = exp(phi[i, j]) / sum_j' exp(phi[i, j'])``.  Every factor offers
+
+* ``matmul(x)``:      ``x @ P`` for probability-space messages ``x`` (..., Z);
+* ``log_matmul(lx)``: ``log(exp(lx) @ P)`` for log-space messages (max-shifted GEMMs);
+* ``log_probs()`` / ``to_dense()``: the dense matrix, only when asked;
+* ``log_prob_entries(i, j)`` and ``log_prob_columns(j)``: entries and columns of ``log P``.
+
+``Dense`` does a GEMM, ``LowRank`` two thin GEMMs through rank space (Chiu, Deng & Rush 2021),
+``Banded`` a banded product, and ``a + b`` a jointly normalized sum (the paper's "LHMM + band").
+A factor may carry one leading batch dimension (one transition matrix per example).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lorank._checks import check_positive_int, check_tensor
+from lorank.semiring import log_matmul, safe_logsumexp
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _bmv(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` for messages x (..., B, Z) and m (Z, K) or batched (B, Z, K)."""
+    if m.dim() == 2:
+        return x @ m
+    return (x.unsqueeze(-2) @ m).squeeze(-2)
+
+
+def _log_bmv(lx: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """``log(exp(lx) @ exp(lm))`` with the same shapes as :func:`_bmv`."""
+    if lm.dim() == 2:
+        return log_matmul(lx, lm)
+    return log_matmul(lx.unsqueeze(-2), lm).squeeze(-2)
+
+
+def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Rows ``m[i]`` (..., K) for m (Z, K), or ``m[b, i[..., b]]`` for batched m (B, Z, K)."""
+    if m.dim() == 2:
+        return m[i]
+    batch = torch.arange(m.shape[0], device=m.device)
+    return m[batch, i]
+
+
+def _fix_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+class Factor:
+    """Base class of transition factors (row-normalized nonnegative Z x Z matrices)."""
+
+    num_states: int
+    #: () for one shared matrix, (B,) for one per example
+    batch_shape: torch.Size
+
+    # ---- to implement -------------------------------------------------------------------
+    def log_normalizer(self) -> torch.Tensor:
+        """Log row sums of the unnormalized potentials: (*batch, Z)."""
+        raise NotImplementedError
+
+    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+        """``x -> x @ (exp(phi) / exp(log_norm)[:, None])`` in probability space, stably."""
+        raise NotImplementedError
+
+    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+        """Log-space version of :meth:`_prob_operator`."""
+        raise NotImplementedError
+
+    def _log_unnorm_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- shared API ---------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.log_normalizer().dtype
+
+    def prob_operator(self) -> Operator:
+        """A function ``x -> x @ P`` with everything independent of ``x`` computed once."""
+        return self._prob_operator(_fix_inf(self.log_normalizer()))
+
+    def log_operator(self) -> Operator:
+        """A function ``lx -> log(exp(lx) @ P)`` with the factor's tensors prepared once."""
+        return self._log_operator(_fix_inf(self.log_normalizer()))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
+        return self.prob_operator()(x)
+
+    def log_matmul(self, lx: torch.Tensor) -> torch.Tensor:
+        """``log(exp(lx) @ P)`` for log-space messages, via max-shifted GEMMs."""
+        return self.log_operator()(lx)
+
+    def log_probs(self) -> torch.Tensor:
+        """The dense normalized ``log P``: (*batch, Z, Z). Materializes Z x Z."""
+        return self._log_unnorm_dense() - _fix_inf(self.log_normalizer()).unsqueeze(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense transition matrix ``P``: (*batch, Z, Z). Materializes Z x Z."""
+        return self.log_probs().exp()
+
+    def log_prob_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """``log P[i, j]`` elementwise for index tensors of shape (..., B) (or any shape if
+        the factor is unbatched)."""
+        ln = self.log_normalizer()
+        return self._log_unnorm_entries(i, j) - _rows(ln.unsqueeze(-1), i).squeeze(-1)
+
+    def log_prob_columns(self, j: torch.Tensor) -> torch.Tensor:
+        """Columns ``log P[:, j]``: (..., Z) for index tensor j of shape (...)."""
+        return self._log_unnorm_columns(j) - self.log_normalizer()
+
+    def __add__(self, other: Factor) -> Factor:
+        if not isinstance(other, Factor):
+            return NotImplemented
+        return Sum([self, other])
+
+    def _check_batch(self, *tensors: torch.Tensor, name: str) -> None:
+        for t in tensors:
+            if t.dim() not in (2, 3):
+                raise ValueError(
+                    f"{name} must have shape (Z, K) or (B, Z, K), got {tuple(t.shape)}"
+                )
+
+
+class Dense(Factor):
+    """Dense transition ``P = softmax(logits, -1)``; logits (Z, Z) or (B, Z, Z)."""
+
+    def __init__(self, logits: torch.Tensor):
+        check_tensor("logits", logits, ndim=(2, 3))
+        if logits.shape[-1] != logits.shape[-2]:
+            raise ValueError(f"logits must be square (..., Z, Z), got {tuple(logits.shape)}")
+        self.logits = logits
+        self.num_states = logits.shape[-1]
+        self.batch_shape = logits.shape[:-2]
+
+    def log_normalizer(self) -> torch.Tensor:
+        return safe_logsumexp(self.logits, dim=-1)
+
+    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+        p = (self.logits - log_norm.unsqueeze(-1)).exp()
+        return lambda x: _bmv(x, p)
+
+    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+        lp = self.logits - log_norm.unsqueeze(-1)
+        return lambda lx: _log_bmv(lx, lp)
+
+    def _log_unnorm_dense(self) -> torch.Tensor:
+        return self.logits
+
+    def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return _rows(self.logits, i).gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+    def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
+        return _rows(self.logits.transpose(-1, -2), j)
+
+    def __repr__(self) -> str:
+        return f"Dense(num_states={self.num_states}, batch_shape={tuple(self.batch_shape)})"
+
+
+class LowRank(Factor):
+    """Low-rank transition ``P[i, j] ∝ sum_r exp(left[i, r] + right[j, r])``.
+
+    ``left`` and ``right`` are log-features (Z, R) or (B, Z, R): the paper's positive feature
+    map ``phi(U) = exp(U W)`` has ``left = U @ W`` (Chiu, Deng & Rush, NeurIPS 2021).  The
+    matrix factors as ``P = A @ C.T`` with ``A = softmax_r(left + s - ...)`` row-stochastic
+    (Z, R) and ``C = softmax_j(right)`` column-stochastic (Z, R), so every entry used in the
+    probability-space product lies in [0, 1]: no overflow for any finite log-features.
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor):
+        check_tensor("left", left, ndim=(2, 3))
+        check_tensor("right", right, ndim=(2, 3))
+        if left.shape != right.shape:
+            raise ValueError(
+                f"left and right must have the same shape (..., Z, R), got "
+                f"left {tuple(left.shape)} and right {tuple(right.shape)}"
+            )
+        self.left = left
+        self.right = right
+        self.num_states = left.shape[-2]
+        self.rank = left.shape[-1]
+        self.batch_shape = left.shape[:-2]
+
+    @classmethod
+    def from_embeddings(
+        cls, left_emb: torch.Tensor, right_emb: torch.Tensor, projection: torch.Tensor
+    ) -> LowRank:
+        """``phi(U) phi(V)^T`` with ``phi(X) = exp(X W)``: embeddings (Z, d), projection (d, R)."""
+        check_tensor("projection", projection, ndim=2)
+        for name, emb in (("left_emb", left_emb), ("right_emb", right_emb)):
+            check_tensor(name, emb, ndim=(2, 3))
+            if emb.shape[-1] != projection.shape[0]:
+                raise ValueError(
+                    f"{name} has feature size {emb.shape[-1]} but projection has shape "
+                    f"{tuple(projection.shape)}; expected ({emb.shape[-1]}, R)"
+                )
+        return cls(left_emb @ projection, right_emb @ projection)
+
+    def _column_lse(self) -> torch.Tensor:
+        """``s[r] = log sum_j exp(right[j, r])``: (*batch, R)."""
+        return safe_logsumexp(self.right, dim=-2)
+
+    def log_normalizer(self) -> torch.Tensor:
+        return safe_logsumexp(self.left + self._column_lse().unsqueeze(-2), dim=-1)
+
+    def stochastic_factors(self, log_norm: torch.Tensor | None = None):
+        """``(A, C)`` with ``P = A @ C.mT``: A (Z, R) row-stochastic, C (Z, R) columns sum to 1.
+
+        With a larger ``log_norm`` (a joint normalizer of a sum), A's rows sum to less than 1.
+        """
+        s = self._column_lse()
+        if log_norm is None:
+            log_norm = safe_logsumexp(self.left + s.unsqueeze(-2), dim=-1)
+        a = (self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)).exp()
+        c = (self.right - _fix_inf(s).unsqueeze(-2)).exp()
+        return a, c
+
+    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+        a, c = self.stochastic_factors(log_norm)
+        ct = c.transpose(-1, -2)
+        return lambda x: _bmv(_bmv(x, a), ct)
+
+    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+        s = self._column_lse()
+        la = self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)
+        lct = (self.right - _fix_inf(s).unsqueeze(-2)).transpose(-1, -2)
+        return lambda lx: _log_bmv(_log_bmv(lx, la), lct)
+
+    def _log_unnorm_dense(self) -> torch.Tensor:
+        return log_matmul(self.left, self.right.transpose(-1, -2))
+
+    def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return safe_logsumexp(_rows(self.left, i) + _rows(self.right, j), dim=-1)
+
+    def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
+        rj = _rows(self.right, j)  # (..., R) or (..., B, R)
+        return log_matmul(rj.unsqueeze(-2), self.left.transpose(-1, -2)).squeeze(-2)
+
+    def __repr__(self) -> str:
+        return (
+            f"LowRank(num_states={self.num_states}, rank={self.rank}, "
+            f"batch_shape={tuple(self.batch_shape)})"
+        )
+
+
+class Banded(Factor):
+    """Banded transition: ``P[i, j] ∝ exp(logits[i, j - i + width])`` for ``|j - i| <= width``.
+
+    ``logits`` has shape (Z, 2*width + 1) or (B, Z, 2*width + 1); column k holds offset
+    ``k - width``.  Entries that fall outside [0, Z) are ignored.  Products cost O(Z * width).
+    """
+
+    def __init__(self, logits: torch.Tensor, width: int):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ValueError(f"width must be a nonnegative integer, got {width!r}")
+        check_tensor("logits", logits, ndim=(2, 3))
+        k = 2 * width + 1
+        if logits.shape[-1] != k:
+            raise ValueError(
+                f"logits must have shape (..., Z, 2*width+1) = (..., Z, {k}) for width={width}, "
+                f"got {tuple(logits.shape)}"
+            )
+        self.width = width
+        self.num_states = z = logits.shape[-2]
+        self.batch_shape = logits.shape[:-2]
+        rows = torch.arange(z, device=logits.device).unsqueeze(-1)
+        offs = torch.arange(k, device=logits.device) - width
+        cols = rows + offs
+        self._valid = (cols >= 0) & (cols < z)
+        self.logits = logits
+        self._masked = torch.where(
+            self._valid, logits, torch.full_like(logits, -math.inf)
+        )  # a new tensor: the caller's logits are never modified
+        # out[j] = sum_k y_pad[j - k + 2w, k] with y padded by w on both sides of the Z axis
+        self._gather_rows = (torch.arange(z).unsqueeze(-1) - torch.arange(k) + 2 * width).to(
+            logits.device
+        )
+        self._gather_cols = torch.arange(k, device=logits.device).expand(z, k)
+
+    def log_normalizer(self) -> torch.Tensor:
+        return safe_logsumexp(self._masked, dim=-1)
+
+    def _shift(self, y: torch.Tensor, fill: float) -> torch.Tensor:
+        w = self.width
+        pad = y.new_full((*y.shape[:-2], w, y.shape[-1]), fill)
+        y_pad = torch.cat([pad, y, pad], dim=-2)
+        return y_pad[..., self._gather_rows, self._gather_cols]
+
+    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+        band = (self._masked - log_norm.unsqueeze(-1)).exp()
+        return lambda x: self._shift(x.unsqueeze(-1) * band, 0.0).sum(-1)
+
+    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+        band = self._masked - log_norm.unsqueeze(-1)
+        return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
+
+    def _log_unnorm_dense(self) -> torch.Tensor:
+        z, w = self.num_states, self.width
+        out = self._masked.new_full((*self.batch_shape, z, z + 2 * w), -math.inf)
+        rows = torch.arange(z, device=out.device).unsqueeze(-1)
+        cols = rows + torch.arange(2 * w + 1, device=out.device)
+        out[..., rows, cols] = self._masked
+        return out[..., w : w + z]
+
+    def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        k = j - i + self.width
+        ok = (k >= 0) & (k <= 2 * self.width)
+        vals = _rows(self._masked, i).gather(-1, k.clamp(0, 2 * self.width).unsqueeze(-1))
+        return torch.where(ok, vals.squeeze(-1), torch.full_like(vals.squeeze(-1), -math.inf))
+
+    def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
+        z, w = self.num_states, self.width
+        i = torch.arange(z, device=j.device)
+        k = j.unsqueeze(-1) - i + w  # (..., Z)
+        ok = (k >= 0) & (k <= 2 * w)
+        kc = k.clamp(0, 2 * w)
+        if self._masked.dim() == 2:
+            vals = self._masked[i, kc]
+        else:
+            b = torch.arange(self._masked.shape[0], device=j.device).unsqueeze(-1)
+            vals = self._masked[b, i, kc]
+        return torch.where(ok, vals, torch.full_like(vals, -math.inf))
+
+    def __repr__(self) -> str:
+        return f"Banded(num_states={self.num_states}, width={self.width})"
+
+
+class Sum(Factor):
+    """Jointly normalized sum: ``P[i, j] ∝ sum_k exp(phi_k[i, j])`` (e.g. LowRank + Banded)."""
+
+    def __init__(self, parts: list[Factor]):
+        flat: list[Factor] = []
+        for p in parts:
+            flat.extend(p.parts if isinstance(p, Sum) else [p])
+        sizes = {p.num_states for p in flat}
+        if len(sizes) != 1:
+            raise ValueError(f"factors in a sum must have the same num_states, got {sorted(sizes)}")
+        self.parts = flat
+        self.num_states = flat[0].num_states
+        shapes = {tuple(p.batch_shape) for p in flat}
+        self.batch_shape = torch.Size(max(shapes, key=len))
+
+    def log_normalizer(self) -> torch.Tensor:
+        return torch.stack(torch.broadcast_tensors(*[p.log_normalizer() for p in self.parts]))\
+            .logsumexp(0)
+
+    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+        ops = [p._prob_operator(log_norm) for p in self.parts]
+        return lambda x: sum(op(x) for op in ops)
+
+    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+        ops = [p._log_operator(log_norm) for p in self.parts]
+
+        def apply(lx: torch.Tensor) -> torch.Tensor:
+            return safe_logsumexp(torch.stack([op(lx) for op in ops]), 0)
+
+        return apply
+
+    def _combine(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return safe_logsumexp(torch.stack(torch.broadcast_tensors(*xs)), 0)
+
+    def _log_unnorm_dense(self) -> torch.Tensor:
+        return self._combine([p._log_unnorm_dense() for p in self.parts])
+
+    def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self._combine([p._log_unnorm_entries(i, j) for p in self.parts])
+
+    def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
+        return self._combine([p._log_unnorm_columns(j) for p in self.parts])
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(p) for p in self.parts)
+
+
+def orthogonal_random_features(
+    dim: int, rank: int, generator: torch.Generator | None = None, dtype=torch.float32
+) -> torch.Tensor:
+    """A (dim, rank) projection of stacked orthogonal blocks with chi-distributed column norms,
+    the random-feature initialization used for ``phi(U) = exp(U W)`` (Choromanski et al. 2021;
+    Chiu, Deng & Rush 2021)."""
+    check_positive_int("dim", dim)
+    check_positive_int("rank", rank)
+    blocks = []
+    for _ in range(math.ceil(rank / dim)):
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(g)
+        blocks.append(q)
+    w = torch.cat(blocks, dim=1)[:, :rank]
+    norms = torch.randn(dim, rank, generator=generator, dtype=torch.float64).norm(dim=0)
+    return (w * norms).to(dtype)
