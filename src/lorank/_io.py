@@ -35,7 +35,9 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 def atomic_save_tensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Save tensors as safetensors (no pickle on load), atomically."""
     path = Path(path)
@@ -43,8 +45,9 @@ def atomic_save_tensors(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
+        )
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

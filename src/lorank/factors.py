@@ -94,6 +94,11 @@ class Factor:
         """A function ``lx -> log(exp(lx) @ P)`` with the factor's tensors prepared once."""
         return self._log_operator(_fix_inf(self.log_normalizer()))
 
+    def prob_matrices(self) -> list[torch.Tensor] | None:
+        """``[M_1, ..., M_k]`` with ``P = M_1 @ ... @ M_k`` (Dense: ``[P]``, LowRank:
+        ``[A, C^T]``), each (Z_in, Z_out) or batched; None if the factor is not such a chain."""
+        return None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
         return self.prob_operator()(x)
@@ -150,6 +155,9 @@ class Dense(Factor):
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
         p = (self.logits - log_norm.unsqueeze(-1)).exp()
         return lambda x: _bmv(x, p)
+
+    def prob_matrices(self) -> list[torch.Tensor]:
+        return [self.to_dense()]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         lp = self.logits - log_norm.unsqueeze(-1)
@@ -230,6 +238,10 @@ class LowRank(Factor):
         a, c = self.stochastic_factors(log_norm)
         ct = c.transpose(-1, -2)
         return lambda x: _bmv(_bmv(x, a), ct)
+
+    def prob_matrices(self) -> list[torch.Tensor]:
+        a, c = self.stochastic_factors()
+        return [a, c.transpose(-1, -2)]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         s = self._column_lse()

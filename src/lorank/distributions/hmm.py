@@ -119,7 +119,9 @@ class HMM:
 
     # ---- other queries -----------------------------------------------------------------
     def sample(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), generator: torch.Generator | None = None
+        self,
+        sample_shape: torch.Size | tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Exact posterior samples by forward filtering, backward sampling:
         (*sample_shape, B, T) long, -1 at padding."""
@@ -156,8 +158,9 @@ class HMM:
             raise TypeError(f"path must be an integer tensor, got {getattr(path, 'dtype', path)}")
         want = (self.batch_size, self.max_length)
         if path.dim() < 2 or tuple(path.shape[-2:]) != want:
-            raise ValueError(f"path must have shape (..., {want[0]}, {want[1]}), got "
-                             f"{tuple(path.shape)}")
+            raise ValueError(
+                f"path must have shape (..., {want[0]}, {want[1]}), got {tuple(path.shape)}"
+            )
         real = path[..., self.mask]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_states):
             raise ValueError(

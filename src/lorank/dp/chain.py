@@ -58,19 +58,25 @@ def log_partition(
 ) -> torch.Tensor:
     """Forward algorithm in scaled probability space: log p(x) per sequence, (B,).
 
-    ``memory_light`` (LowRank factors only) uses a custom backward whose saved state is the
-    rank-space messages, O(B T R), recomputing the state-space messages on the way back.
+    Factors that are a chain of matrices (``Dense``: ``[P]``, ``LowRank``: ``[A, C^T]``) run
+    in :class:`_ScaledChain`, whose backward pass is the backward algorithm with the weight
+    gradients gathered into one large GEMM per matrix.  ``memory_light`` (LowRank only) saves
+    just the rank-space messages, O(B T R), and recomputes the rest on the way back.
     """
     e, k = _scaled_emission(emission, lengths)
+    pi = init_logp.exp()
     if memory_light:
         if not isinstance(factor, LowRank):
             raise TypeError(
                 f"memory_light needs a LowRank transition factor, got {type(factor).__name__}"
             )
         a_mat, c_mat = factor.stochastic_factors()
-        return _LowRankForward.apply(init_logp.exp(), a_mat, c_mat, e) + k.sum(1)
+        return _LowRankForward.apply(pi, a_mat, c_mat, e) + k.sum(1)
+    mats = factor.prob_matrices()
+    if mats is not None:
+        return _ScaledChain.apply(pi, e, *mats) + k.sum(1)
     op = factor.prob_operator()
-    alpha = init_logp.exp() * e[:, 0]
+    alpha = pi * e[:, 0]
     logs = []
     for t in range(e.shape[1]):
         if t > 0:
@@ -79,6 +85,84 @@ def log_partition(
         logs.append(log_c)
         alpha = alpha / safe.unsqueeze(-1)
     return torch.stack(logs, 1).sum(1) + k.sum(1)
+
+
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``sum_{b,t} x[b,t]^T g[b,t]`` as one GEMM: x (B, T, m), g (B, T, n) -> (m, n) or
+    per example (B, m, n) for batched matrices."""
+    if batched:
+        return x.transpose(1, 2) @ g
+    return x.reshape(-1, x.shape[-1]).transpose(0, 1) @ g.reshape(-1, g.shape[-1])
+
+
+class _ScaledChain(torch.autograd.Function):
+    """Scaled forward for ``P = M_1 ... M_k`` with a hand-written backward algorithm.
+
+    Saves the pre-emission products ``u_t = alpha_{t-1} P`` (B, T, Z), the intermediate
+    messages (B, T, R) and the scales; nothing of size B x T x Z x R.  Weight gradients are
+    ``sum_t x_t^T g_t``, computed after the time loop as one GEMM over all B*T rows.
+    Inputs: ``pi`` (B, Z) initial probabilities, ``e`` (B, T, Z) scaled emission
+    likelihoods, matrices (n_in, n_out) or batched (B, n_in, n_out).  Output: sum_t log c_t.
+    """
+
+    @staticmethod
+    def forward(ctx, pi, e, *mats):
+        b, t_len, z = e.shape
+        u_all = e.new_zeros(b, t_len, z)
+        inter = [e.new_zeros(b, t_len, m.shape[-1]) for m in mats[:-1]]
+        scales = e.new_zeros(b, t_len)
+        alpha = pi * e[:, 0]
+        for t in range(t_len):
+            if t > 0:
+                x = alpha
+                for i, m in enumerate(mats):
+                    x = _bmv(x, m)
+                    if i < len(mats) - 1:
+                        inter[i][:, t] = x
+                u_all[:, t] = x
+                alpha = x * e[:, t]
+            c = alpha.sum(-1)
+            scales[:, t] = c
+            alpha = alpha / torch.where(c > 0, c, torch.ones_like(c)).unsqueeze(-1)
+        ctx.save_for_backward(pi, e, u_all, scales, *inter, *mats)
+        ctx.num_mats = len(mats)
+        log_c, _ = _log_scale(scales)
+        return log_c.sum(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        pi, e, u_all, scales, *rest = ctx.saved_tensors
+        k = ctx.num_mats
+        inter, mats = rest[: k - 1], rest[k - 1 :]
+        b, t_len, z = e.shape
+        inv = torch.where(scales > 0, 1.0 / torch.where(scales > 0, scales, 1.0), 0.0)
+        mats_t = [m.transpose(-1, -2) for m in mats]
+        # g_out[i][:, t]: gradient w.r.t. the output of matrix i at step t
+        g_out = [e.new_zeros(b, t_len, m.shape[-1]) for m in mats]
+        grad_e = torch.zeros_like(e)
+        beta = grad.unsqueeze(-1).expand(b, z)
+        for t in range(t_len - 1, 0, -1):
+            w = beta * inv[:, t : t + 1]
+            grad_e[:, t] = u_all[:, t] * w
+            g = w * e[:, t]
+            for i in range(k - 1, -1, -1):
+                g_out[i][:, t] = g
+                g = _bmv(g, mats_t[i])
+            beta = g
+        grad_e[:, 0] = pi * beta * inv[:, 0:1]
+        grad_pi = e[:, 0] * beta * inv[:, 0:1]
+        grads = []
+        if t_len > 1:
+            # inputs of matrix 0 at steps 1..T-1 are alpha_0..alpha_{T-2}
+            alpha = u_all[:, :-1] * e[:, :-1] * inv[:, :-1].unsqueeze(-1)
+            alpha[:, 0] = pi * e[:, 0] * inv[:, 0:1]
+            inputs = [alpha] + [x[:, 1:] for x in inter]
+            for m, x, g in zip(mats, inputs, g_out, strict=True):
+                grads.append(_weight_grad(x, g[:, 1:], m.dim() == 3))
+        else:
+            grads = [torch.zeros_like(m) for m in mats]
+        return (grad_pi, grad_e, *grads)
 
 
 def _outer_sum(x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
