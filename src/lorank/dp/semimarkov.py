@@ -1,0 +1,306 @@
+"""Semi-Markov (HSMM) dynamic programs as pure functions of potentials, factors and lengths.
+
+Conventions (batch-first):
+
+* ``init_logp``: (B, Z) normalized log initial-state probabilities;
+* ``factor``: a :class:`lorank.factors.Factor`, the row-stochastic segment-to-segment transition;
+* ``seg``: (B, T, K, Z) segment log-potentials, ``seg[b, t, d - 1, z]`` scores a segment of
+  state ``z`` and duration ``d`` that *ends* at position ``t`` (inclusive); ``-inf`` where the
+  segment would start before 0 (see :func:`segment_scores`);
+* ``lengths``: (B,) long, each in [1, T]; the last segment of sequence ``b`` ends at
+  ``lengths[b] - 1``.
+
+Forward messages: ``start[t, z]`` is the log-mass of all prefixes in which a segment of state
+``z`` starts at ``t``, ``alpha[t, z]`` that of all prefixes in which a segment of state ``z``
+ends at ``t``.  ``start[0] = init``, ``start[t] = alpha[t - 1] @ P`` (one factor product: O(Z R)
+for a low-rank factor) and ``alpha[t, z] = LSE_d start[t - d + 1, z] + seg[t, d - 1, z]``
+(O(K Z)).  Segment scores come from cumulative sums of the emissions, never loops over spans.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lorank.factors import Factor
+from lorank.semiring import LogSemiring, Semiring, safe_logsumexp
+
+PAD = -1  #: state index written at padded positions
+
+
+def segment_scores(
+    emission: torch.Tensor, duration_logp: torch.Tensor, max_duration: int | None = None
+) -> torch.Tensor:
+    """Segment log-potentials ``seg[b, t, d-1, z] = duration[z, d-1] + sum_{s=t-d+1}^{t}
+    emission[b, s, z]``: (B, T, K, Z), ``-inf`` where ``t - d + 1 < 0``.
+
+    ``emission`` (B, T, Z) log-likelihoods; ``duration_logp`` (Z, K) or (B, Z, K).  The sums
+    are differences of one cumulative sum (taken in float64 so that long sequences keep their
+    precision); ``-inf`` emissions are counted separately so that differences never give NaN.
+    """
+    b, t_len, z = emission.shape
+    k = duration_logp.shape[-1] if max_duration is None else max_duration
+    finite = torch.isfinite(emission)
+    em64 = torch.where(finite, emission, torch.zeros_like(emission)).to(torch.float64)
+    zero = em64.new_zeros(b, 1, z)
+    cs = torch.cat([zero, em64.cumsum(1)], 1)  # (B, T+1, Z)
+    bad = torch.cat([zero, (~finite).to(torch.float64).cumsum(1)], 1)
+    ends = torch.arange(1, t_len + 1, device=emission.device).unsqueeze(1)  # (T, 1)
+    begins = ends - torch.arange(1, k + 1, device=emission.device)  # (T, K)
+    valid = begins >= 0
+    bc = begins.clamp_min(0)
+    sums = (cs[:, ends.expand(t_len, k)] - cs[:, bc]).to(emission.dtype)  # (B, T, K, Z)
+    nbad = bad[:, ends.expand(t_len, k)] - bad[:, bc]
+    ok = valid.unsqueeze(-1) & (nbad < 0.5)
+    dur = duration_logp.transpose(-1, -2)  # (Z, K) -> (K, Z) / (B, K, Z)
+    dur = dur.unsqueeze(-3) if dur.dim() == 3 else dur
+    return torch.where(ok, sums + dur, torch.full_like(sums, -math.inf))
+
+
+def _stack_window(msgs: list[torch.Tensor], t: int, k: int, dim: int) -> torch.Tensor:
+    """``msgs[t], msgs[t-1], ..., msgs[t-k+1]`` (those that exist) stacked on ``dim``: index
+    ``d - 1`` holds the start message of a segment of duration ``d`` ending at ``t``."""
+    lo = max(0, t - k + 1)
+    return torch.stack(msgs[lo : t + 1][::-1], dim=dim)
+
+
+def _gather_last(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``x[..., b, lengths[b] - 1, :]`` for x (..., B, T, Z): (..., B, Z)."""
+    batch = torch.arange(x.shape[-3], device=x.device)
+    return x[..., batch, lengths - 1, :]
+
+
+def forward_messages(
+    init_logp: torch.Tensor, factor: Factor, seg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log forward messages ``(start, alpha)``, each (B, T, Z), through the factor's
+    log-space operator (two thin max-shifted GEMMs per step for a low-rank factor)."""
+    op = factor.log_operator()
+    t_len, k = seg.shape[1], seg.shape[2]
+    starts: list[torch.Tensor] = []
+    alphas: list[torch.Tensor] = []
+    for t in range(t_len):
+        starts.append(init_logp if t == 0 else op(alphas[t - 1]))
+        window = _stack_window(starts, t, k, dim=1)  # (B, d, Z)
+        alphas.append(safe_logsumexp(window + seg[:, t, : window.shape[1]], dim=1))
+    return torch.stack(starts, 1), torch.stack(alphas, 1)
+
+
+def log_partition(
+    init_logp: torch.Tensor, factor: Factor, seg: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """``log sum_segmentations exp(score)``: (B,).  O(T (Z R + K Z)) per sequence for a
+    low-rank factor, O(T (Z^2 + K Z)) for a dense one."""
+    _, alpha = forward_messages(init_logp, factor, seg)
+    return safe_logsumexp(_gather_last(alpha, lengths), dim=-1)
+
+
+def _maxplus(x: torch.Tensor, lp: torch.Tensor, max_chunk_elements: int = 1 << 24):
+    """``max_i x[..., i] + lp[i, j]``: x (B, Z), lp (Z, Z) or (B, Z, Z) -> (B, Z)."""
+    b, z = x.shape
+    chunk = max(1, max_chunk_elements // max(1, b * z))
+    outs = []
+    for j0 in range(0, z, chunk):
+        tj = lp[..., j0 : j0 + chunk]
+        cand = x.unsqueeze(-1) + (tj if tj.dim() == 3 else tj.unsqueeze(0))
+        outs.append(cand.amax(dim=-2))
+    return torch.cat(outs, -1)
+
+
+def max_messages(
+    init_logp: torch.Tensor, trans_logp: torch.Tensor, seg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-product versions of :func:`forward_messages` on the dense ``log P``."""
+    t_len, k = seg.shape[1], seg.shape[2]
+    starts: list[torch.Tensor] = []
+    alphas: list[torch.Tensor] = []
+    for t in range(t_len):
+        starts.append(init_logp if t == 0 else _maxplus(alphas[t - 1], trans_logp))
+        window = _stack_window(starts, t, k, dim=1)
+        alphas.append((window + seg[:, t, : window.shape[1]]).amax(dim=1))
+    return torch.stack(starts, 1), torch.stack(alphas, 1)
+
+
+def semiring_forward(
+    init_logp: torch.Tensor,
+    trans_logp: torch.Tensor,
+    seg: torch.Tensor,
+    lengths: torch.Tensor,
+    semiring: type[Semiring] = LogSemiring,
+) -> torch.Tensor:
+    """The semi-Markov forward algorithm in any semiring on the dense ``log P`` ((Z, Z) or
+    (B, Z, Z)): (B,) (entropy semiring: the entropy over segmentations)."""
+    s = semiring
+    t_len, k = seg.shape[1], seg.shape[2]
+    trans = s.convert(trans_logp if trans_logp.dim() == 3 else trans_logp.unsqueeze(0))
+    segc = s.convert(seg)
+    init = s.convert(init_logp)
+    starts: list[torch.Tensor] = []
+    alphas: list[torch.Tensor] = []
+    for t in range(t_len):
+        if t == 0:
+            starts.append(init)
+        else:
+            starts.append(s.matmul(alphas[t - 1].unsqueeze(-2), trans).squeeze(-2))
+        window = _stack_window(starts, t, k, dim=-2)  # (S?, B, d, Z)
+        alphas.append(s.sum(s.times(window, segc[..., t, : window.shape[-2], :]), dim=-2))
+    alpha = torch.stack(alphas, dim=-2)  # (S?, B, T, Z)
+    return s.unconvert(s.sum(_gather_last(alpha, lengths), dim=-1))
+
+
+# ---- decoding: Viterbi and forward-filtering backward-sampling share one backtrack ----------
+
+
+def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+    return (logits + g).argmax(-1)
+
+
+def backtrack(
+    start: torch.Tensor,
+    alpha: torch.Tensor,
+    seg: torch.Tensor,
+    lengths: torch.Tensor,
+    columns: Callable[[torch.Tensor], torch.Tensor],
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    num: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk back from each sequence end choosing, for the segment that ends at ``e`` with state
+    ``z``, its duration (``pick`` over ``start[e-d+1, z] + seg[e, d-1, z]``) and the state of
+    the segment before it (``pick`` over ``alpha[s-1, :] + log P[:, z]``).  With max-product
+    messages and ``pick = argmax`` this is Viterbi; with sum-product messages and a Gumbel
+    argmax it draws exact posterior samples.
+
+    ``columns(j)``: ``log P[:, j]`` (..., Z) for indices j (num, B).  Returns ``(states,
+    starts)``: (num, B, T) long (-1 at padding) and bool (True where a segment begins).
+    """
+    b, t_len, k, z = seg.shape
+    dev = seg.device
+    batch = torch.arange(b, device=dev).expand(num, b)
+    steps = torch.arange(t_len, device=dev)
+    states = torch.full((num, b, t_len), PAD, dtype=torch.long, device=dev)
+    starts = torch.zeros((num, b, t_len), dtype=torch.bool, device=dev)
+    end = (lengths - 1).expand(num, b).clone()
+    state = pick(alpha[batch, end])  # (num, B)
+    active = torch.ones((num, b), dtype=torch.bool, device=dev)
+    durs = torch.arange(k, device=dev)
+    for _ in range(t_len):
+        if not bool(active.any()):
+            break
+        # duration of the segment (end, state)
+        begin_idx = (end.unsqueeze(-1) - durs).clamp_min(0)  # (num, B, K)
+        st = start[batch.unsqueeze(-1), begin_idx, state.unsqueeze(-1)]  # (num, B, K)
+        sg = seg[batch, end, :, :].gather(-1, state[..., None, None].expand(num, b, k, 1))
+        d = pick(st + sg.squeeze(-1))  # (num, B): duration - 1
+        begin = end - d
+        inside = (steps >= begin.unsqueeze(-1)) & (steps <= end.unsqueeze(-1))
+        inside = inside & active.unsqueeze(-1)
+        states = torch.where(inside, state.unsqueeze(-1), states)
+        starts = starts | ((steps == begin.unsqueeze(-1)) & active.unsqueeze(-1))
+        active = active & (begin > 0)
+        if not bool(active.any()):
+            break
+        prev_end = (begin - 1).clamp_min(0)
+        logits = alpha[batch, prev_end] + columns(state)
+        prev_state = pick(logits)
+        state = torch.where(active, prev_state, state)
+        end = torch.where(active, prev_end, end)
+    return states, starts
+
+
+def viterbi(
+    init_logp: torch.Tensor, trans_logp: torch.Tensor, seg: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact best segmentation: ``(max score (B,), states (B, T), starts (B, T))``."""
+    start, alpha = max_messages(init_logp, trans_logp, seg)
+    best = _gather_last(alpha, lengths).amax(-1)
+
+    def columns(j: torch.Tensor) -> torch.Tensor:
+        if trans_logp.dim() == 2:
+            return trans_logp.transpose(0, 1)[j]
+        bidx = torch.arange(trans_logp.shape[0], device=j.device)
+        return trans_logp.transpose(1, 2)[bidx, j]
+
+    states, starts = backtrack(start, alpha, seg, lengths, columns, lambda x: x.argmax(-1))
+    return best, states[0], starts[0]
+
+
+def sample(
+    init_logp: torch.Tensor,
+    factor: Factor,
+    seg: torch.Tensor,
+    lengths: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact posterior samples of segmentations: ``(states, starts)`` (num_samples, B, T).
+    Each backward step needs one column of ``P`` per sample: O(Z R) for a low-rank factor."""
+    start, alpha = forward_messages(init_logp, factor, seg)
+    return backtrack(
+        start,
+        alpha,
+        seg,
+        lengths,
+        factor.log_prob_columns,
+        lambda x: _gumbel_argmax(x, generator),
+        num=num_samples,
+    )
+
+
+def segment_chart(
+    states: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, max_duration: int,
+    num_states: int,
+) -> torch.Tensor:
+    """The 0/1 indicator (..., B, T, K, Z) of the segments (end t, duration d, state z) of
+    segmentations ``(states, starts)`` (..., B, T); its expectation is the segment marginals."""
+    ends, dur_idx = segment_ends(starts, lengths)
+    if bool((dur_idx[ends] >= max_duration).any()):
+        raise ValueError(f"a segment is longer than max_duration={max_duration}")
+    d1 = torch.nn.functional.one_hot(dur_idx.clamp(0, max_duration - 1), max_duration)
+    z1 = torch.nn.functional.one_hot(states.clamp_min(0), num_states)
+    return (d1.unsqueeze(-1) * z1.unsqueeze(-2) * ends[..., None, None]).to(torch.float64)
+
+
+def segment_ends(starts: torch.Tensor, lengths: torch.Tensor):
+    """``(ends, duration - 1)`` (..., B, T): where segments end (within lengths) and, at
+    every position, the offset from the start of its segment."""
+    t_len = starts.shape[-1]
+    steps = torch.arange(t_len, device=starts.device)
+    valid = steps < lengths.unsqueeze(-1)
+    nxt = torch.cat([starts[..., 1:], torch.ones_like(starts[..., :1])], -1)
+    ends = valid & (nxt | (steps == (lengths - 1).unsqueeze(-1)))
+    seg_start = torch.where(starts, steps, torch.zeros_like(steps)).cummax(-1).values
+    return ends, steps - seg_start
+
+
+def segmentation_score(
+    init_logp: torch.Tensor,
+    factor: Factor,
+    seg: torch.Tensor,
+    lengths: torch.Tensor,
+    states: torch.Tensor,
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """Log joint score of segmentations ``(states, starts)`` (..., B, T): (..., B)."""
+    b, t_len, k, z = seg.shape
+    lead = states.shape[:-2]
+    steps = torch.arange(t_len, device=states.device)
+    valid = steps < lengths.unsqueeze(-1)
+    st = torch.where(valid, states, torch.zeros_like(states))
+    ends, dur_idx = segment_ends(starts, lengths)
+    dur_idx = dur_idx.clamp(0, k - 1)
+    segx = seg.expand(*lead, b, t_len, k, z)
+    vals = segx.gather(-2, dur_idx[..., None, None].expand(*lead, b, t_len, 1, z)).squeeze(-2)
+    vals = vals.gather(-1, st.unsqueeze(-1)).squeeze(-1)  # (..., B, T)
+    score = torch.where(ends, vals, torch.zeros_like(vals)).sum(-1)
+    score = score + init_logp.expand(*lead, b, z).gather(-1, st[..., :1]).squeeze(-1)
+    if t_len > 1:
+        i = st[..., :-1].transpose(-1, -2)  # (..., T-1, B)
+        j = st[..., 1:].transpose(-1, -2)
+        trans = factor.log_prob_entries(i, j).transpose(-1, -2)
+        use = starts[..., 1:] & valid[:, 1:]
+        score = score + torch.where(use, trans, torch.zeros_like(trans)).sum(-1)
+    return score
