@@ -98,7 +98,7 @@ class Hypergraph:
     # ---- batching ----------------------------------------------------------------------
     def _batch_shape(self) -> torch.Size:
         shapes = []
-        for v, p in enumerate(self.potentials):
+        for p in self.potentials:
             if p is not None:
                 shapes.append(p.shape[:-1])
         for e in self.edges:
