@@ -84,6 +84,10 @@ class Factor:
     # ---- shared API ---------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        for attr in ("logits", "left"):  # the parameters of the built-in factors: no compute
+            t = getattr(self, attr, None)
+            if isinstance(t, torch.Tensor):
+                return t.dtype
         return self.log_normalizer().dtype
 
     def prob_operator(self) -> Operator:
@@ -118,12 +122,12 @@ class Factor:
     def log_prob_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """``log P[i, j]`` elementwise for index tensors of shape (..., B) (or any shape if
         the factor is unbatched)."""
-        ln = self.log_normalizer()
+        ln = _fix_inf(self.log_normalizer())  # an all -inf row (a dead end) stays -inf, not NaN
         return self._log_unnorm_entries(i, j) - _rows(ln.unsqueeze(-1), i).squeeze(-1)
 
     def log_prob_columns(self, j: torch.Tensor) -> torch.Tensor:
         """Columns ``log P[:, j]``: (..., Z) for index tensor j of shape (...)."""
-        return self._log_unnorm_columns(j) - self.log_normalizer()
+        return self._log_unnorm_columns(j) - _fix_inf(self.log_normalizer())
 
     def __add__(self, other: Factor) -> Factor:
         if not isinstance(other, Factor):
@@ -194,6 +198,11 @@ class LowRank(Factor):
                 f"left and right must have the same shape (..., Z, R), got "
                 f"left {tuple(left.shape)} and right {tuple(right.shape)}"
             )
+        if left.dtype != right.dtype:
+            raise TypeError(
+                f"left and right must have the same dtype, got left {left.dtype} "
+                f"{tuple(left.shape)} and right {right.dtype} {tuple(right.shape)}"
+            )
         self.left = left
         self.right = right
         self.num_states = left.shape[-2]
@@ -249,15 +258,25 @@ class LowRank(Factor):
         lct = (self.right - _fix_inf(s).unsqueeze(-2)).transpose(-1, -2)
         return lambda lx: _log_bmv(_log_bmv(lx, la), lct)
 
+    def _shifted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left + s, right - s)``: the same potentials, but ``right - s`` is log C (columns
+        sum to 1), so the max-shifted GEMMs below cannot lose a whole row or column to
+        underflow (with raw ``left @ right^T``, float32 features of +-50 gave rows of P
+        summing to 1.017)."""
+        s = self._column_lse().unsqueeze(-2)
+        return self.left + s, self.right - _fix_inf(s)
+
     def _log_unnorm_dense(self) -> torch.Tensor:
-        return log_matmul(self.left, self.right.transpose(-1, -2))
+        la, lc = self._shifted()
+        return log_matmul(la, lc.transpose(-1, -2))
 
     def _log_unnorm_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return safe_logsumexp(_rows(self.left, i) + _rows(self.right, j), dim=-1)
 
     def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
-        rj = _rows(self.right, j)  # (..., R) or (..., B, R)
-        return log_matmul(rj.unsqueeze(-2), self.left.transpose(-1, -2)).squeeze(-2)
+        la, lc = self._shifted()
+        rj = _rows(lc, j)  # (..., R) or (..., B, R)
+        return log_matmul(rj.unsqueeze(-2), la.transpose(-1, -2)).squeeze(-2)
 
     def __repr__(self) -> str:
         return (
@@ -361,7 +380,19 @@ class Sum(Factor):
         self.parts = flat
         self.num_states = flat[0].num_states
         shapes = {tuple(p.batch_shape) for p in flat}
+        if len(shapes - {()}) > 1:
+            raise ValueError(
+                f"factors in a sum must share one batch shape (or be unbatched), got "
+                f"{sorted(shapes)}"
+            )
+        dtypes = sorted({str(p.dtype) for p in flat})
+        if len(dtypes) != 1:
+            raise TypeError(f"factors in a sum must have the same dtype, got {dtypes}")
         self.batch_shape = torch.Size(max(shapes, key=len))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
 
     def log_normalizer(self) -> torch.Tensor:
         return torch.stack(torch.broadcast_tensors(*[p.log_normalizer() for p in self.parts]))\

@@ -13,11 +13,17 @@ import torch
 NEG_INF = float("-inf")
 
 
+def _safe_log(s: torch.Tensor) -> torch.Tensor:
+    """``log s`` for ``s >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) gradient there."""
+    pos = s > 0
+    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).log(), NEG_INF)
+
+
 def safe_logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     """``logsumexp`` that returns ``-inf`` (not NaN) on all ``-inf`` slices, with finite grads."""
     m = x.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    out = (x - m).exp().sum(dim=dim, keepdim=True).log() + m
+    out = _safe_log((x - m).exp().sum(dim=dim, keepdim=True)) + m
     return out if keepdim else out.squeeze(dim)
 
 
@@ -28,7 +34,7 @@ def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bm = b.amax(dim=-2, keepdim=True)
     bm = torch.where(torch.isfinite(bm), bm, torch.zeros_like(bm)).detach()
     prod = torch.matmul((a - am).exp(), (b - bm).exp())
-    return prod.log() + am + bm
+    return _safe_log(prod) + am + bm
 
 
 class Semiring:
@@ -120,8 +126,9 @@ class EntropySemiring(Semiring):
         finite = torch.isfinite(log_z)
         log_w = torch.where(finite, a - torch.where(finite, log_z, torch.zeros_like(log_z)), a)
         w = log_w.exp()
-        # 0 * (h - (-inf)) must be 0, not NaN
-        contrib = torch.where(w > 0, w * (h - log_w), torch.zeros_like(w))
+        # 0 * (h - (-inf)) must be 0, not NaN -- in the forward *and* the backward pass
+        safe_log_w = torch.where(w > 0, log_w, torch.zeros_like(log_w))
+        contrib = torch.where(w > 0, w * (h - safe_log_w), torch.zeros_like(w))
         return torch.stack([log_z.squeeze(d_inner), contrib.sum(dim=d_inner)])
 
 

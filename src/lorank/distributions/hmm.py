@@ -34,11 +34,28 @@ def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, len
             f"transition has {transition.num_states} states but emission "
             f"{tuple(emission.shape)} has {z}"
         )
+    for name, dtype in (("init", init.dtype), ("transition", transition.dtype)):
+        if dtype != emission.dtype:
+            raise TypeError(
+                f"{name} has dtype {dtype} but emission {tuple(emission.shape)} has dtype "
+                f"{emission.dtype}; all inputs must share one floating dtype"
+            )
     if len(transition.batch_shape) and tuple(transition.batch_shape) != (b,):
         raise ValueError(
             f"a batched transition must have batch shape ({b},) to match emission "
             f"{tuple(emission.shape)}, got {tuple(transition.batch_shape)}"
         )
+    with torch.no_grad():
+        dead = torch.isneginf(transition.log_normalizer())
+    if dead.any():
+        # padding relies on every row of P summing to one (padded steps keep the mass)
+        states = sorted({int(i) for i in dead.nonzero()[:, -1]})
+        raise ValueError(
+            f"transition has states with no successor (all -inf potentials in their row): "
+            f"{states[:10]}; every row of the transition must have a finite entry"
+        )
+    if init.numel() and torch.isneginf(init).all(-1).any():
+        raise ValueError(f"init (shape {tuple(init.shape)}) has a row that is all -inf")
     lengths = check_lengths(lengths, b, t_len, emission.device)
     init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
     return init_logp, lengths

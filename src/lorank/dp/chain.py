@@ -95,6 +95,33 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tenso
     return x.reshape(-1, x.shape[-1]).transpose(0, 1) @ g.reshape(-1, g.shape[-1])
 
 
+def _plain_scaled_chain(pi: torch.Tensor, e: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
+    """The scaled forward of :class:`_ScaledChain` in plain (differentiable) autograd ops."""
+    alpha = pi * e[:, 0]
+    logs = []
+    for t in range(e.shape[1]):
+        if t > 0:
+            for m in mats:
+                alpha = _bmv(alpha, m)
+            alpha = alpha * e[:, t]
+        log_c, safe = _log_scale(alpha.sum(-1))
+        logs.append(log_c)
+        alpha = alpha / safe.unsqueeze(-1)
+    return torch.stack(logs, 1).sum(1)
+
+
+def _differentiable_backward(inputs: tuple, grad: torch.Tensor) -> tuple:
+    """Backward by autograd through :func:`_plain_scaled_chain`, used when a higher derivative
+    is asked for (``create_graph=True``): the hand-written backward passes are not themselves
+    differentiable, and ``once_differentiable`` does not catch this case (it silently drops
+    the second-order terms when the incoming gradient does not require grad)."""
+    with torch.enable_grad():
+        out = _plain_scaled_chain(*inputs)
+        need = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, need, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if x.requires_grad else None for x in inputs)
+
+
 class _ScaledChain(torch.autograd.Function):
     """Scaled forward for ``P = M_1 ... M_k`` with a hand-written backward algorithm.
 
@@ -130,11 +157,12 @@ class _ScaledChain(torch.autograd.Function):
         return log_c.sum(1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         pi, e, u_all, scales, *rest = ctx.saved_tensors
         k = ctx.num_mats
         inter, mats = rest[: k - 1], rest[k - 1 :]
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward((pi, e, *mats), grad)
         b, t_len, z = e.shape
         inv = torch.where(scales > 0, 1.0 / torch.where(scales > 0, scales, 1.0), 0.0)
         mats_t = [m.transpose(-1, -2) for m in mats]
@@ -202,6 +230,11 @@ class _LowRankForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pi, a_mat, c_mat, e, msgs, scales = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            g_pi, g_e, g_a, g_ct = _differentiable_backward(
+                (pi, e, a_mat, c_mat.transpose(-1, -2)), grad
+            )
+            return g_pi, g_a, None if g_ct is None else g_ct.transpose(-1, -2), g_e
         b, t_len, z = e.shape
         batched = a_mat.dim() == 3
         ct = c_mat.transpose(-1, -2)
@@ -352,7 +385,7 @@ def path_score(
     lead = p.shape[:-2]
     em = emission.expand(*lead, b, t_len, z).gather(-1, p.unsqueeze(-1)).squeeze(-1)
     score = init_logp.expand(*lead, b, z).gather(-1, p[..., :1]).squeeze(-1)
-    score = score + (em * valid).sum(-1)
+    score = score + torch.where(valid, em, torch.zeros_like(em)).sum(-1)  # -inf * 0 is NaN
     if t_len > 1:
         i = p[..., :-1].transpose(-1, -2)  # (..., T-1, B): batch index last
         j = p[..., 1:].transpose(-1, -2)
