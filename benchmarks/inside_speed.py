@@ -111,7 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small grid, for a first look")
     ap.add_argument("--out", type=Path, default=None, help="output folder")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is steadier on a machine shared with other jobs)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_dir = args.out or (Path("/tmp") if args.quick else HERE)
     out_dir.mkdir(parents=True, exist_ok=True)
     b, n, r0 = 8, 30, 64
