@@ -12,8 +12,10 @@ from lorank.factors import Factor, LowRank
 from lorank.semiring import EntropySemiring
 
 
-def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths):
-    """Validate the HMM inputs; return (init_logp (B, Z), lengths (B,))."""
+def prepare_chain_inputs(
+    init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate chain-model inputs (HMM, HSMM); return (init_logp (B, Z), lengths (B,))."""
     if not isinstance(transition, Factor):
         raise TypeError(
             "transition must be a lorank factor (Dense, LowRank, Banded or a sum), "
@@ -45,6 +47,16 @@ def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, len
             f"a batched transition must have batch shape ({b},) to match emission "
             f"{tuple(emission.shape)}, got {tuple(transition.batch_shape)}"
         )
+    if init.numel() and torch.isneginf(init).all(-1).any():
+        raise ValueError(f"init (shape {tuple(init.shape)}) has a row that is all -inf")
+    lengths = check_lengths(lengths, b, t_len, emission.device)
+    init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
+    return init_logp, lengths
+
+
+def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths):
+    """Validate the HMM inputs; return (init_logp (B, Z), lengths (B,))."""
+    init_logp, lengths = prepare_chain_inputs(init, transition, emission, lengths)
     with torch.no_grad():
         dead = torch.isneginf(transition.log_normalizer())
     if dead.any():
@@ -54,10 +66,6 @@ def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, len
             f"transition has states with no successor (all -inf potentials in their row): "
             f"{states[:10]}; every row of the transition must have a finite entry"
         )
-    if init.numel() and torch.isneginf(init).all(-1).any():
-        raise ValueError(f"init (shape {tuple(init.shape)}) has a row that is all -inf")
-    lengths = check_lengths(lengths, b, t_len, emission.device)
-    init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
     return init_logp, lengths
 
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from lorank._checks import check_lengths, check_positive_int, check_tensor
+from lorank._checks import check_positive_int, check_tensor
+from lorank.distributions.hmm import prepare_chain_inputs
 from lorank.dp import semimarkov
 from lorank.factors import Factor
 from lorank.semiring import EntropySemiring
@@ -118,31 +119,8 @@ class HSMM:
         emission: torch.Tensor,
         lengths: torch.Tensor | None = None,
     ):
-        if not isinstance(transition, Factor):
-            raise TypeError(
-                "transition must be a lorank factor (Dense, LowRank, Banded or a sum), "
-                f"got {type(transition).__name__}"
-            )
-        check_tensor("emission", emission, ndim=3)
+        init_logp, lengths = prepare_chain_inputs(init, transition, emission, lengths)
         b, t_len, z = emission.shape
-        if t_len < 1:
-            raise ValueError(f"emission must have at least one time step, got {(b, t_len, z)}")
-        check_tensor("init", init, ndim=(1, 2))
-        if init.shape[-1] != z or (init.dim() == 2 and init.shape[0] != b):
-            raise ValueError(
-                f"init must have shape ({z},) or ({b}, {z}) to match emission "
-                f"{tuple(emission.shape)}, got {tuple(init.shape)}"
-            )
-        if transition.num_states != z:
-            raise ValueError(
-                f"transition has {transition.num_states} states but emission "
-                f"{tuple(emission.shape)} has {z}"
-            )
-        if len(transition.batch_shape) and tuple(transition.batch_shape) != (b,):
-            raise ValueError(
-                f"a batched transition must have batch shape ({b},), got "
-                f"{tuple(transition.batch_shape)}"
-            )
         check_tensor("duration", duration, ndim=(2, 3))
         if duration.shape[-1] < 1:
             raise ValueError(
@@ -154,8 +132,7 @@ class HSMM:
                 f"duration must have shape ({z}, K) or ({b}, {z}, K) to match emission "
                 f"{tuple(emission.shape)}, got {tuple(duration.shape)}"
             )
-        self.lengths = check_lengths(lengths, b, t_len, emission.device)
-        self.init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
+        self.lengths, self.init_logp = lengths, init_logp
         self.duration_logp = torch.log_softmax(duration, dim=-1)
         self.transition = transition
         self.emission = emission
