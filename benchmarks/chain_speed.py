@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import best_time, machine_description
 
 import lorank
 
@@ -46,46 +44,11 @@ class Row:
     note: str = ""
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); Python {platform.python_version()}"
-    )
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_time(fn, device: str, repeats: int) -> float:
-    """Minimum wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def matmul_gflops(device: str, n: int = 4096, repeats: int = 3) -> float:
     """This machine's square float32 matmul rate."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    dt = best_time(lambda: a @ b, device, repeats)
+    dt = best_time(lambda: a @ b, repeats, device=device)
     return 2 * n**3 / dt / 1e9
 
 
@@ -173,9 +136,9 @@ def measure(row: Row, method: str, maker, z, table, obs, device: str, reps: int)
             fn = lorank_fn(maker, z, table, obs, backward, memory_light=method.endswith("memlight"))
         if not backward:
             with torch.no_grad():
-                row.fwd_s = best_time(fn, device, reps)
+                row.fwd_s = best_time(fn, reps, device=device)
         else:
-            row.fwdbwd_s = best_time(fn, device, reps)
+            row.fwdbwd_s = best_time(fn, reps, device=device)
         del fn
         gc.collect()
 

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
+from _common import best_time, machine_description
 
 import lorank
 from lorank.dp import inside as dp
@@ -37,36 +35,6 @@ from lorank.rules import random_rules
 
 HERE = Path(__file__).resolve().parent
 KINDS = ["dense", "low_rank", "cp", "rank_space"]
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}")
-
-
-def timeit(fn, reps: int, budget_s: float = 20.0) -> float:
-    """Minimum wall time of ``fn()`` over ``reps`` runs after one warm-up (fewer runs when a
-    single one is slow).  The minimum, not the median: on a shared machine, other processes
-    only ever add time."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = max(1, min(reps, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def pcfg_case(kind, m, r, n, b, reps, backward=False, seed=0):
@@ -87,7 +55,7 @@ def pcfg_case(kind, m, r, n, b, reps, backward=False, seed=0):
         dp.inside(root, type(rules)(*ps), term, lengths).sum().backward()
 
     value = fwd()
-    return timeit(fwdbwd if backward else fwd, reps), float(value.mean())
+    return best_time(fwdbwd if backward else fwd, reps, budget_s=20.0), float(value.mean())
 
 
 def hsmm_case(kind, z, r, t, b, k, reps, seed=0):
@@ -103,7 +71,7 @@ def hsmm_case(kind, z, r, t, b, k, reps, seed=0):
         with torch.no_grad():
             return lorank.HSMM(torch.zeros(z), fac, dur, em).log_partition
 
-    return timeit(fwd, reps)
+    return best_time(fwd, reps, budget_s=20.0)
 
 
 def main(argv=None) -> int:
@@ -125,7 +93,7 @@ def main(argv=None) -> int:
     else:
         ms, ranks, m_rank = [32, 64, 128, 256], [16, 32, 64, 128, 256], 256
         zs, hsmm_t = [64, 128, 256, 512, 1024], 64
-    results = {"machine": machine(), "batch": b, "length": n, "rank": r0,
+    results = {"machine": machine_description(), "batch": b, "length": n, "rank": r0,
                "pcfg_vs_m": [], "pcfg_vs_rank": [], "hsmm_vs_z": []}
     print(f"# inside_speed on {results['machine']}")
     print(f"\n## PCFG inside, n={n}, B={b}, r={r0}, p=m (seconds)")

@@ -1,0 +1,55 @@
+"""Shared helpers of the benchmark scripts: the machine's description and a timer."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine_description() -> str:
+    """CPU model, logical CPUs, torch version and threads, Python version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); Python {platform.python_version()}{gpu}"
+    )
+
+
+def best_time(
+    fn: Callable[[], object], reps: int, budget_s: float = float("inf"), device: str = "cpu"
+) -> float:
+    """Minimum wall time of ``fn()`` over ``reps`` runs after one warm-up (fewer runs when one
+    run is slow against ``budget_s``).  The minimum, not the median: on a shared machine other
+    processes only ever add time."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    if budget_s != float("inf"):
+        reps = max(1, min(reps, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
