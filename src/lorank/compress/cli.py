@@ -1,0 +1,219 @@
+"""``lorank compress``: compress a model directory and write the result, report included.
+
+Standalone: ``python -m lorank.compress.cli MODEL_DIR -o OUT --method whitened
+--param-reduction 0.4 --calib-text sentences.txt``.  The lead's ``lorank`` CLI wires it in
+with :func:`add_parser` and :func:`run`.
+
+Inputs understood:
+
+* a Hugging Face model directory (``config.json`` + weights; sentence-transformers
+  directories too): loaded offline with ``transformers.<auto-class>.from_pretrained``;
+  calibration text is tokenized with the directory's tokenizer.  The output directory holds
+  the compressed weights, ``lorank_compress.json``, the report, and every non-weight file of
+  the input (configs, tokenizer), so ``lorank.compress.load_compressed(OUT)`` rebuilds it.
+* a lorank checkpoint directory holding ``model.safetensors`` + ``config.json`` with a
+  ``"lorank_model"`` entry, when ``lorank.nn`` provides ``load_model`` for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from lorank.compress.config import LAYER_TYPES, METHODS, CompressConfig
+from lorank.compress.core import compress, output_tensor
+from lorank.compress.io import save_compressed
+
+__all__ = ["add_parser", "run", "main", "build_parser"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", help="model directory (Hugging Face / sentence-transformers, or a "
+                                 "lorank checkpoint directory)")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--method", default="svd", choices=METHODS)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="fixed rank for every matrix")
+    g.add_argument("--param-reduction", type=float,
+                   help="fraction of each matrix's weights removed (0.4: keep <= 60%%)")
+    g.add_argument("--energy", type=float, help="fraction of squared singular values kept")
+    g.add_argument("--budget-reduction", type=float,
+                   help="fraction of all selected weights removed, ranks allocated by "
+                        "measured sensitivity")
+    p.add_argument("--target", nargs="+", default=None,
+                   help="module names (or name suffixes) to compress; default: all")
+    p.add_argument("--target-regex", default=None, help="regex over full module names")
+    p.add_argument("--exclude", nargs="+", default=None, help="module names to skip")
+    p.add_argument("--layer-types", nargs="+", choices=LAYER_TYPES, default=["linear"],
+                   help="layer types to compress (default: linear)")
+    p.add_argument("--rnn-matrices", nargs="+", choices=["ih", "hh"], default=["ih", "hh"])
+    p.add_argument("--rnn-granularity", choices=["stacked", "per_gate"], default="stacked")
+    p.add_argument("--calib-text", default=None,
+                   help="text file, one calibration example per line (needed by fwsvd, asvd, "
+                        "whitened)")
+    p.add_argument("--calib-samples", type=int, default=128, help="lines used (default 128)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per calibration line")
+    p.add_argument("--auto-class", default="AutoModel",
+                   help="transformers auto class used to load the model (default AutoModel)")
+    p.add_argument("--sparse-density", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``compress`` on an ``argparse`` subparsers object; returns the parser (its
+    ``func`` default is :func:`run`)."""
+    p = subparsers.add_parser("compress", help="low-rank compression of a trained model",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _configure(argparse.ArgumentParser(
+        prog="lorank compress", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _config_from_args(args) -> CompressConfig:
+    target = args.target_regex if args.target_regex else args.target
+    return CompressConfig(
+        method=args.method, rank=args.rank, param_reduction=args.param_reduction,
+        energy=args.energy, budget_reduction=args.budget_reduction, target_modules=target,
+        exclude_modules=args.exclude, layer_types=tuple(args.layer_types),
+        rnn_matrices=tuple(args.rnn_matrices), rnn_granularity=args.rnn_granularity,
+        sparse_density=args.sparse_density, seed=args.seed,
+        measure_latency=not args.no_latency, inplace=True,
+    )
+
+
+def _read_lines(path: str, n: int) -> list[str]:
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise ValueError(f"--calib-text {path} has no non-empty line")
+    return lines[:n]
+
+
+def _random_projection_loss(seed: int):
+    """Fisher proxy for models without a loss: ``<output, z>`` for a fixed Gaussian z; its
+    squared gradients estimate diag(J^T J), the Fisher information of a Gaussian output."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def loss_fn(out, batch):
+        t = output_tensor(out)
+        key = tuple(t.shape)
+        if key not in cache:
+            g = torch.Generator().manual_seed(seed)
+            cache[key] = torch.randn(t.shape, generator=g).to(t)
+        return (t * cache[key]).sum() / t.shape[0]
+
+    return loss_fn
+
+
+def _hf_inputs(args):
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("lorank compress: loading a Hugging Face directory needs "
+                         "`pip install transformers`") from e
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    auto = getattr(transformers, args.auto_class, None)
+    if auto is None:
+        raise SystemExit(f"lorank compress: transformers has no {args.auto_class}")
+    model = auto.from_pretrained(args.model)
+    model.eval()
+    calib = None
+    if args.calib_text:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        lines = _read_lines(args.calib_text, args.calib_samples)
+        calib = []
+        for i in range(0, len(lines), args.batch_size):
+            enc = tok(lines[i:i + args.batch_size], padding=True, truncation=True,
+                      max_length=args.max_length, return_tensors="pt")
+            calib.append(dict(enc))
+    return model, calib, {"kind": "hf", "auto_class": args.auto_class}
+
+
+def _lorank_inputs(args, cfg: dict):
+    try:
+        from lorank import nn as lnn
+        load_model = lnn.load_model
+    except (ImportError, AttributeError) as e:
+        raise SystemExit("lorank compress: this lorank checkpoint needs lorank.nn.load_model, "
+                         "which this version does not provide") from e
+    model = load_model(args.model)
+    if args.calib_text:
+        raise SystemExit("lorank compress: --calib-text is for Hugging Face directories; "
+                         "use the Python API (calibration=...) for lorank models")
+    return model, None, {"kind": "lorank", "config": cfg}
+
+
+def run(args) -> int:
+    """Run ``lorank compress`` for parsed ``args``; returns the exit code."""
+    src = Path(args.model)
+    if not src.is_dir():
+        print(f"lorank compress: {src} is not a directory", file=sys.stderr)
+        return 2
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        print(f"lorank compress: {src} has no config.json (not a model directory)",
+              file=sys.stderr)
+        return 2
+    try:
+        config = _config_from_args(args)
+        meta = json.loads(cfg_path.read_text())
+        if "lorank_model" in meta:
+            model, calib, base = _lorank_inputs(args, meta)
+        else:
+            model, calib, base = _hf_inputs(args)
+        if config.data_aware and calib is None:
+            raise ValueError(f"--method {config.method} needs --calib-text")
+        loss_fn = _random_projection_loss(args.seed) if config.method == "fwsvd" else None
+        if loss_fn is not None and base["kind"] == "hf":
+            inner = loss_fn
+
+            def loss_fn(out, batch):  # a model loss when the head computes one
+                if getattr(out, "loss", None) is not None:
+                    return out.loss
+                return inner(out, batch)
+        model, report = compress(model, config, calibration=calib, loss_fn=loss_fn)
+    except (ValueError, TypeError) as e:
+        print(f"lorank compress: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.rglob("*"):
+        rel = item.relative_to(src)
+        if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and \
+                not rel.parts[0].startswith("."):
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, dest)
+    save_compressed(model, out, report, base=base)
+    (out / "compress_report.md").write_text(report.table() + "\n")
+    print(report.to_json() if args.json else report.table())
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

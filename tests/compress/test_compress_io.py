@@ -1,0 +1,292 @@
+"""Save/load round trips, fine-tuning, the CLI, Hugging Face models and HMM transitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lorank
+from lorank.compress import (
+    CompressConfig,
+    LowRankLinear,
+    compress,
+    finetune,
+    load_compressed,
+    nmf_transition,
+    save_compressed,
+    transition_error,
+)
+from lorank.compress.cli import main as cli_main
+
+from .test_compress_core import TinyLM, _batches, _lm_loss
+
+
+@pytest.mark.parametrize("method,gran", [("svd", "stacked"), ("svd+sparse", "per_gate"),
+                                         ("whitened", "per_gate")])
+def test_save_load_round_trips_outputs_exactly(method, gran, tmp_path, gen):
+    model = TinyLM().eval()
+    calib = _batches(gen)
+    cm, report = compress(model, CompressConfig(method=method, param_reduction=0.5,
+                                                rnn_granularity=gran), calibration=calib)
+    save_compressed(cm, tmp_path / "c", report)
+    fresh = TinyLM()  # dense skeleton with other random weights
+    loaded = load_compressed(tmp_path / "c", fresh).eval()
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.equal(cm(x), loaded(x))
+    assert {n: type(m) for n, m in cm.named_modules()} == \
+        {n: type(m) for n, m in loaded.named_modules()}
+    meta = json.loads((tmp_path / "c" / "lorank_compress.json").read_text())
+    assert "proj" in meta["modules"] and "rnn" in meta["modules"]
+    rep = json.loads((tmp_path / "c" / "compress_report.json").read_text())
+    assert rep["model_params_after"] == report.model_params_after
+
+
+def test_save_load_tied_weights(tmp_path, gen):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            self.mid = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 30, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.mid(self.emb(x))))
+
+    model = Tied()
+    cm, _ = compress(model, CompressConfig(rank=4, target_modules=["mid"]))
+    save_compressed(cm, tmp_path)
+    loaded = load_compressed(tmp_path, Tied())
+    assert loaded.out.weight is loaded.emb.weight
+    x = torch.randint(0, 30, (5,), generator=gen)
+    assert torch.equal(cm(x), loaded(x))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a lorank compressed model"):
+        load_compressed(tmp_path)
+    cm, _ = compress(TinyLM(), CompressConfig(rank=2, target_modules=["proj"]))
+    save_compressed(cm, tmp_path)
+    with pytest.raises(ValueError, match="pass model="):
+        load_compressed(tmp_path)
+    with pytest.raises(ValueError, match="no module 'proj'"):
+        load_compressed(tmp_path, nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_finetune_recovers_loss(gen):
+    torch.manual_seed(0)
+    model = TinyLM(vocab=20)
+    data = _batches(gen, n=4, vocab=20)
+    finetune(model, data, _lm_loss, steps=60, lr=1e-2)
+    cm, _ = compress(model, CompressConfig(rank=2))
+    with torch.no_grad():
+        before = sum(float(_lm_loss(cm(b), b)) for b in data)
+    losses = finetune(cm, data, _lm_loss, steps=40, lr=5e-3)
+    assert len(losses) == 40
+    with torch.no_grad():
+        after = sum(float(_lm_loss(cm(b), b)) for b in data)
+    assert after < before
+    assert not cm.training
+
+
+# ---- HMM transitions --------------------------------------------------------------------
+
+
+def test_nmf_transition_full_rank_and_decreasing_error(gen):
+    z = 12
+    logits = torch.randn(z, z, generator=gen, dtype=torch.float64) * 2
+    dense = lorank.Dense(logits)
+    p = dense.to_dense()
+    full = nmf_transition(dense, z)
+    assert isinstance(full, lorank.LowRank) and full.rank == z
+    assert torch.allclose(full.to_dense(), p, atol=1e-12)
+    errs = [transition_error(p, nmf_transition(dense, r))["rel_frobenius"]
+            for r in (1, 3, 6, 9, 11)]
+    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] < errs[0]
+
+
+@pytest.mark.parametrize("loss", ["frobenius", "kl"])
+def test_nmf_transition_recovers_a_low_nonnegative_rank_matrix(loss, gen):
+    z, r = 16, 4
+    a = torch.rand(z, r, generator=gen, dtype=torch.float64)
+    a[torch.rand(z, r, generator=gen) < 0.5] = 0
+    a[:, 0] += 0.05
+    c = torch.rand(z, r, generator=gen, dtype=torch.float64)
+    c[torch.rand(z, r, generator=gen) < 0.5] = 0
+    c = c / c.sum(0)
+    p = a @ c.mT
+    p = p / p.sum(-1, keepdim=True)
+    low = nmf_transition(p, r, loss=loss, n_iter=2000, tol=0.0)
+    got = low.to_dense()
+    assert torch.allclose(got.sum(-1), torch.ones(z, dtype=torch.float64))
+    err = transition_error(p, got)
+    assert err["rel_frobenius"] < (1e-6 if loss == "frobenius" else 1e-2), err
+    # the factor plugs into an HMM: forward algorithm over the compressed transition
+    emission = torch.randn(2, 5, z, generator=gen, dtype=torch.float64).log_softmax(-1)
+    init = torch.zeros(z, dtype=torch.float64)
+    lp_low = lorank.HMM(init, low, emission).log_partition
+    lp_dense = lorank.HMM(init, lorank.Dense(p.log()), emission).log_partition
+    assert torch.allclose(lp_low, lp_dense, atol=1e-2 if loss == "kl" else 1e-5)
+
+
+def test_nmf_transition_errors():
+    with pytest.raises(ValueError, match="square"):
+        nmf_transition(torch.rand(3, 4), 2)
+    with pytest.raises(ValueError, match="nonnegative"):
+        nmf_transition(-torch.rand(3, 3), 2)
+    with pytest.raises(ValueError, match="rank"):
+        nmf_transition(torch.rand(3, 3), 0)
+
+
+# ---- Hugging Face ------------------------------------------------------------------------
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers, transformers.BertModel(cfg).eval()
+
+
+def _bert_batches(gen, n=3):
+    return [{"input_ids": torch.randint(0, 64, (4, 10), generator=gen),
+             "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(n)]
+
+
+ATTENTION = ["query", "key", "value", "attention.output.dense"]
+
+
+def test_hf_attention_projections(tmp_path, gen):
+    transformers, model = _tiny_bert()
+    calib = _bert_batches(gen)
+    cm, rep = compress(model, CompressConfig(method="whitened", rank=32,
+                                             target_modules=ATTENTION), calibration=calib)
+    # rank 32 of a 32x32 projection would not save parameters: all kept dense, outputs equal
+    assert all(r.status == "dense" for r in rep.layers) and len(rep.layers) == 8
+    cm, rep = compress(model, CompressConfig(method="whitened", rank=6,
+                                             target_modules=ATTENTION), calibration=calib)
+    assert {r.name.rsplit(".", 1)[-1] for r in rep.layers} == {"query", "key", "value",
+                                                                "dense"}
+    assert isinstance(cm.encoder.layer[0].attention.self.query, LowRankLinear)
+    assert isinstance(cm.encoder.layer[1].intermediate.dense, nn.Linear)  # not targeted
+    with torch.no_grad():
+        y0 = model(**calib[0]).last_hidden_state
+        y1 = cm(**calib[0]).last_hidden_state
+    assert y0.shape == y1.shape and torch.isfinite(y1).all()
+    _, rep_svd = compress(model, CompressConfig(method="svd", rank=6,
+                                                target_modules=ATTENTION), calibration=calib)
+    werr = sum(r.output_error for r in rep.layers)
+    serr = sum(r.output_error for r in rep_svd.layers)
+    assert werr < serr
+    # save + load from the directory alone (HF config beside the weights)
+    model.config.save_pretrained(tmp_path)
+    save_compressed(cm, tmp_path, rep, base={"kind": "hf", "auto_class": "AutoModel"})
+    loaded = load_compressed(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**calib[0]).last_hidden_state, y1)
+
+
+def test_hf_exact_rank_attention_is_lossless(gen):
+    _, model = _tiny_bert()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for lin in (layer.attention.self.query, layer.attention.self.value):
+                w = torch.randn(32, 4, generator=gen) @ torch.randn(4, 32, generator=gen)
+                lin.weight.copy_(w / 8)
+    calib = _bert_batches(gen, 2)
+    for method in ("svd", "asvd", "fwsvd"):
+        cm, rep = compress(model, CompressConfig(method=method, rank=4,
+                                                 target_modules=["query", "value"]),
+                           calibration=calib,
+                           loss_fn=lambda out, b: out.last_hidden_state.pow(2).mean())
+        assert all(r.status == "factorized" for r in rep.layers)
+        with torch.no_grad():
+            assert torch.allclose(model(**calib[0]).last_hidden_state,
+                                  cm(**calib[0]).last_hidden_state, atol=1e-5)
+
+
+def test_hf_gpt2_conv1d(gen):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1,
+                                  n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    x = torch.randint(0, 50, (2, 8), generator=gen)
+    cm, rep = compress(model, CompressConfig(rank=32, target_modules=["c_attn"],
+                                             layer_types=["linear"]))
+    # 32 x 96 at rank 32 = min(m, n): factorized? 32*(128) = 4096 > 3072: kept dense
+    assert rep.layers[0].status == "dense"
+    cm, rep = compress(model, CompressConfig(rank=8, target_modules=["c_attn", "c_proj"]))
+    assert all(r.status == "factorized" for r in rep.layers)
+    with torch.no_grad():
+        y = cm(x).last_hidden_state
+    merged = lorank.compress.merge(cm)
+    assert type(merged.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.allclose(merged(x).last_hidden_state, y, atol=1e-5)
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_on_a_hf_directory(tmp_path, gen, capsys):
+    transformers, model = _tiny_bert()
+    src = tmp_path / "bert"
+    model.save_pretrained(src)
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                             + [f"w{i}" for i in range(59)]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(src / "vocab.txt"))
+    tok.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 59}" for j in range(8))
+                              for i in range(20)) + "\n")
+    out = tmp_path / "out"
+    code = cli_main([str(src), "-o", str(out), "--method", "whitened", "--param-reduction",
+                     "0.5", "--calib-text", str(text), "--target", "query", "value",
+                     "--batch-size", "8", "--no-latency"])
+    assert code == 0
+    assert "| encoder.layer.0.attention.self.query |" in capsys.readouterr().out
+    for name in ("model.safetensors", "lorank_compress.json", "compress_report.json",
+                 "compress_report.md", "config.json", "vocab.txt"):
+        assert (out / name).is_file(), name
+    loaded = load_compressed(out).eval()
+    assert isinstance(loaded.encoder.layer[1].attention.self.value, LowRankLinear)
+    # errors are reported, not raised
+    code = cli_main([str(src), "-o", str(out), "--method", "asvd", "--rank", "4"])
+    assert code == 2
+    assert "needs --calib-text" in capsys.readouterr().err
+    code = cli_main([str(tmp_path / "missing"), "-o", str(out), "--rank", "4"])
+    assert code == 2
+
+
+def test_compress_a_neural_hmm_language_model(gen):
+    hmm_mod = pytest.importorskip("lorank.nn.hmm")
+    from lorank.compress import attach_lowrank_transition, compress_hmm
+
+    torch.manual_seed(0)
+    model = hmm_mod.HMMLanguageModel(vocab_size=20, num_states=8, model="hmm", hidden=16)
+    model.eval()
+    x = torch.randint(0, 20, (3, 6), generator=gen)
+    with torch.no_grad():
+        ref = model(x).log_partition
+        full, info = compress_hmm(model, 8)
+        assert info["rel_frobenius"] < 1e-12
+        assert torch.allclose(full(x).log_partition, ref, atol=1e-5)
+        errs = [compress_hmm(model, r)[1]["rel_frobenius"] for r in (1, 3, 6)]
+        assert errs[0] > errs[1] > errs[2]
+        low, info = compress_hmm(model, 3)
+        assert isinstance(low.transition(), lorank.LowRank) and low.transition().rank == 3
+        assert info["lowrank_transition_params"] == 2 * 8 * 3
+        # weights restore onto a fresh model once the structure is attached
+        fresh = hmm_mod.HMMLanguageModel(vocab_size=20, num_states=8, model="hmm", hidden=16)
+        attach_lowrank_transition(fresh, torch.zeros(8, 3), torch.zeros(8, 3))
+        fresh.load_state_dict(low.state_dict())
+        assert torch.equal(fresh.eval()(x).log_partition, low(x).log_partition)
+    assert isinstance(model.transition(), lorank.Dense)  # the original is untouched
