@@ -1,0 +1,173 @@
+"""Emission heads: state embeddings (Z', d) and observations -> (B, T, Z') ``log p(x_t | z)``.
+
+A head never sees the transition, so every head works with dense, low-rank, banded and
+rank-space transitions alike (see :class:`lorank.nn.hmm.NeuralHMM`).  Heads take the *rows*
+of the state-embedding table that a batch uses, so state dropout (a sampled subset of states)
+costs nothing extra here.
+
+* :class:`SoftmaxEmission`: words.  ``p(w | z) = softmax_w(f(e_z) . u_w + b_w)`` with a
+  residual MLP ``f`` (Chiu & Rush 2020).  The Z' x V log-softmax is built once per batch and
+  only the columns of the batch's distinct tokens are gathered into (B, T, Z').
+* :class:`Bernoulli88Emission`: piano rolls.  88 independent keys per state,
+  ``p(x | z) = prod_k sigmoid(l_zk)^x_k sigmoid(-l_zk)^(1 - x_k)``, with logits ``l = g(e_z)``
+  from an optional MLP; the log-likelihood of all B x T frames against all Z' states is two
+  GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResLayer(nn.Module):
+    """``LayerNorm(x + ReLU(W2 ReLU(W1 x)))``: the residual layer of Chiu & Rush (2020)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin1 = nn.Linear(d, d)
+        self.lin2 = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + F.relu(self.lin2(F.relu(self.lin1(x)))))
+
+
+def residual_mlp(d: int, layers: int) -> nn.Module:
+    """``layers`` residual layers of width d (``nn.Identity`` for 0)."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"mlp layers must be a nonnegative integer, got {layers!r}")
+    if layers == 0:
+        return nn.Identity()
+    return nn.Sequential(*[ResLayer(d) for _ in range(layers)])
+
+
+class EmissionHead(nn.Module):
+    """Base class.  Subclasses implement :meth:`forward` and :meth:`sample`."""
+
+    #: the state-embedding width the head expects
+    hidden: int
+
+    def forward(self, state_emb: torch.Tensor, x) -> torch.Tensor:  # pragma: no cover
+        """``log p(x_t | z)`` for every state row of ``state_emb`` (Z', d): (B, T, Z')."""
+        raise NotImplementedError
+
+    def sample(
+        self, state_emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:  # pragma: no cover
+        """One observation per row of ``state_emb`` (n, d)."""
+        raise NotImplementedError
+
+
+class SoftmaxEmission(EmissionHead):
+    """Softmax over a vocabulary: ``log p(w | z) = log_softmax_w(f(e_z) @ U^T + b)``.
+
+    Args:
+        vocab_size: V.
+        hidden: d, the state- and word-embedding size.
+        mlp_layers: residual layers of ``f`` (0: the state embedding itself).
+    """
+
+    def __init__(self, vocab_size: int, hidden: int = 256, mlp_layers: int = 2):
+        super().__init__()
+        for name, v in (("vocab_size", vocab_size), ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.vocab_size, self.hidden = vocab_size, hidden
+        self.mlp = residual_mlp(hidden, mlp_layers)
+        self.word_emb = nn.Parameter(torch.randn(vocab_size, hidden) / math.sqrt(hidden))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    @torch.no_grad()
+    def init_unigram(self, counts: torch.Tensor, smoothing: float = 0.5) -> None:
+        """Set the output bias to the log unigram distribution of ``counts`` (V,), so training
+        starts near the unigram model instead of the uniform one."""
+        if counts.shape != (self.vocab_size,):
+            raise ValueError(
+                f"counts must have shape ({self.vocab_size},), got {tuple(counts.shape)}"
+            )
+        p = counts.double() + smoothing
+        self.bias.copy_((p / p.sum()).log().to(self.bias))
+
+    def logits(self, state_emb: torch.Tensor) -> torch.Tensor:
+        """Unnormalized emission logits (Z', V)."""
+        return self.mlp(state_emb) @ self.word_emb.T + self.bias
+
+    def log_probs(self, state_emb: torch.Tensor) -> torch.Tensor:
+        """The full (Z', V) table ``log p(w | z)``."""
+        return self.logits(state_emb).log_softmax(-1)
+
+    def forward(self, state_emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (B, T) long -> (B, T, Z').  Builds Z' x V once, gathers the batch's
+        distinct tokens' columns, then indexes them by position."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(
+                f"tokens must be a (B, T) LongTensor, got {getattr(tokens, 'shape', tokens)}"
+            )
+        if tokens.is_floating_point():
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}), got "
+                f"{int(tokens.min())}..{int(tokens.max())}"
+            )
+        logits = self.logits(state_emb)  # (Z', V)
+        uniq, inverse = torch.unique(tokens, return_inverse=True)
+        cols = logits[:, uniq] - logits.logsumexp(-1, keepdim=True)  # (Z', U)
+        return cols.T[inverse]  # (B, T, Z')
+
+    def sample(
+        self, state_emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One word id per state row: (n,) long."""
+        probs = self.log_probs(state_emb).softmax(-1)
+        return torch.multinomial(probs.float().cpu(), 1, generator=generator).squeeze(-1)
+
+
+class Bernoulli88Emission(EmissionHead):
+    """Factored Bernoulli emission over ``num_keys`` (88) piano keys.
+
+    ``log p(x | z) = sum_k x_k log sigmoid(l_zk) + (1 - x_k) log sigmoid(-l_zk)`` with logits
+    ``l = Linear(g(e_z))``, ``g`` an optional residual MLP (``mlp_layers=0``: a linear map
+    of the state embedding).  Observations are (B, T, num_keys) in {0, 1} (bool or float).
+    """
+
+    def __init__(self, hidden: int = 256, num_keys: int = 88, mlp_layers: int = 1):
+        super().__init__()
+        for name, v in (("hidden", hidden), ("num_keys", num_keys)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.hidden, self.num_keys = hidden, num_keys
+        self.mlp = residual_mlp(hidden, mlp_layers)
+        self.out = nn.Linear(hidden, num_keys)
+        with torch.no_grad():  # keys are mostly off: start near the usual ~4 % density
+            self.out.bias.fill_(-3.0)
+
+    def key_logits(self, state_emb: torch.Tensor) -> torch.Tensor:
+        """(Z', num_keys) Bernoulli logits."""
+        return self.out(self.mlp(state_emb))
+
+    def forward(self, state_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.num_keys:
+            raise ValueError(
+                f"piano rolls must have shape (B, T, {self.num_keys}), got "
+                f"{tuple(getattr(x, 'shape', ()))}"
+            )
+        logits = self.key_logits(state_emb)
+        on, off = F.logsigmoid(logits), F.logsigmoid(-logits)  # (Z', K)
+        xf = x.to(on.dtype)
+        # x log s + (1 - x) log(1 - s) = x (log s - log(1 - s)) + sum_k log(1 - s)
+        return xf @ (on - off).T + off.sum(-1)
+
+    def sample(
+        self, state_emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One frame per state row: (n, num_keys) bool."""
+        p = torch.sigmoid(self.key_logits(state_emb)).float().cpu()
+        return torch.rand(p.shape, generator=generator) < p
+
+
+__all__ = ["EmissionHead", "SoftmaxEmission", "Bernoulli88Emission", "ResLayer", "residual_mlp"]

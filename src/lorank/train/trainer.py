@@ -1,0 +1,402 @@
+"""The generic training loop: AdamW, gradient clipping, reduce-on-plateau, periodic evaluation,
+atomic resumable checkpoints, ``metrics.json``, and data parallelism over processes.
+
+Determinism and data parallelism.  One optimizer step consumes ``accumulate x world_size``
+consecutive batches of the global (seeded, per-epoch) batch list: rank r's micro-batch m of a
+step is global batch ``(step * accumulate + m) * world_size + r``.  Each micro-batch draws its
+training randomness (state/feature dropout) from a generator seeded by
+``(seed, step, m * world_size + r)``, and its loss is scaled by the step's *global* unit count,
+so a step's gradient is the gradient of ``sum NLL / units`` over the whole global batch.
+Hence ``world_size=2, accumulate=1`` and ``world_size=1, accumulate=2`` take the same steps
+up to float error, and a resumed run (which skips the batches already used in the current
+epoch) takes exactly the steps an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorank.train.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    model_state,
+    optimizer_from_flat,
+    restore_rng,
+    save_checkpoint,
+)
+from lorank.train.distributed import DistContext
+from lorank.train.metrics import Throughput, write_metrics
+from lorank.train.tasks import Task
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training loop (the task holds the data and model options)."""
+
+    out: str = "runs/lm"
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 128  #: sequences per micro-batch (per process)
+    max_tokens: int | None = 4096  #: cap on padded units per micro-batch
+    eval_batch_size: int | None = None
+    eval_max_tokens: int | None = None
+    accumulate: int = 1  #: micro-batches per optimizer step (per process)
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    clip: float = 5.0
+    lr_factor: float = 0.5
+    patience: int = 1  #: evaluations without improvement before the lr is cut
+    min_lr: float = 1e-5
+    eval_per_epoch: int = 4
+    eval_every: int | None = None  #: steps between evaluations (overrides eval_per_epoch)
+    eval_test: bool = True  #: evaluate the best model on the test split at the end
+    checkpoint_every: int | None = None  #: also checkpoint every this many steps
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "accumulate", "eval_per_epoch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("max_steps", "max_tokens", "eval_batch_size", "eval_max_tokens",
+                     "eval_every", "checkpoint_every", "threads"):  # fmt: skip
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip!r}")
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  #: optimizer steps done in the current epoch
+    best: float | None = None
+    best_step: int | None = None
+    units: float = 0.0  #: training units (global) seen
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    window_nll: float = 0.0  #: training NLL / units since the last evaluation (global)
+    window_units: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of one micro-batch's training randomness (see the module docstring)."""
+    key = ((seed * 1_000_003 + step) * 1_009 + index) % (2**63 - 1)
+    return torch.Generator().manual_seed(key)
+
+
+class _NLLModule(nn.Module):
+    """``(batch, generator) -> summed NLL``: what DistributedDataParallel wraps."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch, generator):
+        return self.task.nll(self.model, batch, generator)
+
+
+class Trainer:
+    """Train ``task``'s model with ``config``; :meth:`fit` returns the final metrics.
+
+    With ``dist`` None the context comes from torchrun's environment variables
+    (:meth:`DistContext.from_env`).  Only rank 0 writes files and shows progress.
+    """
+
+    def __init__(self, task: Task, config: TrainConfig, dist: DistContext | None = None):
+        config.validate()
+        self.task = task
+        self.config = config
+        self.dist = dist
+        self.model: nn.Module | None = None
+        self.state = TrainState()
+        self.out = Path(config.out)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "data_config": self.task.data_config,
+            "model_config": self.task.model_config,
+            "train_config": asdict(self.config),
+            "task_meta": self.task.metadata(),
+            "state": asdict(self.state),
+            "summary": self.task.summary(self.model),
+        }
+
+    def setup(self) -> None:
+        cfg = self.config
+        if self.dist is None:
+            self.dist = DistContext.from_env(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        ckpt = self.out / CHECKPOINT_NAME
+        if ckpt.exists() and not (cfg.resume or cfg.overwrite):
+            raise FileExistsError(
+                f"{str(ckpt)!r} exists: pass --resume to continue that run, --overwrite to "
+                f"start over, or choose another --out"
+            )
+        torch.manual_seed(cfg.seed)
+        self.task.load_data()
+        self.model = self.task.build_model().to(self.dist.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.patience,
+            min_lr=cfg.min_lr,
+        )  # fmt: skip
+        self.best_state: dict[str, torch.Tensor] | None = None
+        if cfg.resume and ckpt.exists():
+            self._load(ckpt)
+        elif cfg.resume and self.dist.is_main:
+            tqdm.write(f"--resume: no checkpoint at {ckpt}; starting a new run")
+        module = _NLLModule(self.model, self.task)
+        if self.dist.distributed:
+            ids = [self.dist.device] if self.dist.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.module = module
+
+    def _load(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path, device=self.dist.device)
+        for key in ("task", "data_config", "model_config"):
+            have = self.task.name if key == "task" else getattr(self.task, key)
+            if meta.get(key) != have:
+                raise ValueError(
+                    f"cannot resume {str(path)!r}: its {key} {meta.get(key)!r} differs from "
+                    f"this run's {have!r}"
+                )
+        self.task.check_metadata(meta)
+        self.model.load_state_dict(model_state(tensors))
+        self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.state = TrainState(**meta["state"])
+        restore_rng(tensors)
+        best = self.out / BEST_NAME
+        if best.exists():
+            bt, _ = load_checkpoint(best)
+            self.best_state = model_state(bt)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, model: nn.Module | None = None) -> dict[str, float]:
+        """``{"nll", "units", <metric>}`` of ``split`` (sharded over ranks, summed)."""
+        model = self.model if model is None else model
+        cfg, d = self.config, self.dist
+        was_training = model.training
+        model.eval()
+        nll, units = 0.0, 0
+        batches = self.task.batches(
+            split,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
+            shuffle=False,
+            rank=d.rank,
+            world_size=d.world_size,
+        )
+        for batch in batches:
+            units += self.task.count(batch)
+            nll += float(self.task.nll(model, self.task.to_device(batch, d.device), None))
+        model.train(was_training)
+        tot_nll, tot_units = d.all_reduce_sum([nll, units]).tolist()
+        return {
+            "nll": tot_nll,
+            "units": int(tot_units),
+            self.task.metric: self.task.metric_value(tot_nll, int(tot_units)),
+        }
+
+    # ---- training --------------------------------------------------------------------------
+    def _train_batches(self, epoch: int):
+        d, cfg = self.dist, self.config
+        return self.task.batches(
+            "train",
+            batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
+            shuffle=True,
+            seed=cfg.seed + epoch,
+            rank=d.rank,
+            world_size=d.world_size,
+        )
+
+    def _step(self, micro: list) -> tuple[float, float]:
+        """One optimizer step on this rank's micro-batches; returns (local NLL, global
+        units)."""
+        d, cfg, st = self.dist, self.config, self.state
+        counts = [self.task.count(b) for b in micro]
+        total = float(d.all_reduce_sum([sum(counts)])[0])
+        self.model.train()
+        local_nll = 0.0
+        for m, batch in enumerate(micro):
+            gen = step_generator(cfg.seed, st.step, m * d.world_size + d.rank)
+            batch = self.task.to_device(batch, d.device)
+            sync = m == len(micro) - 1 or not d.distributed
+            ctx = contextlib.nullcontext() if sync else self.module.no_sync()
+            with ctx:
+                nll = self.module(batch, gen)
+                if not torch.isfinite(nll):
+                    raise FloatingPointError(
+                        f"non-finite training loss {float(nll)} at step {st.step} (micro-batch "
+                        f"{m}); lower --lr or check the data"
+                    )
+                (nll * (d.world_size / total)).backward()
+            local_nll += float(nll.detach())
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return local_nll, total
+
+    def _after_eval(self, val: dict[str, float], bar) -> None:
+        cfg, st, d = self.config, self.state, self.dist
+        metric = self.task.metric
+        value = val[metric]
+        self.scheduler.step(value)
+        window = d.all_reduce_sum([st.window_nll, st.window_units]).tolist()
+        train_value = self.task.metric_value(window[0], int(window[1])) if window[1] else None
+        st.window_nll = st.window_units = 0.0
+        improved = st.best is None or value < st.best
+        if improved:
+            st.best, st.best_step = value, st.step
+            self.best_state = {k: v.detach().cpu().clone()
+                               for k, v in self.model.state_dict().items()}  # fmt: skip
+        rate = st.units / st.train_seconds if st.train_seconds > 0 else 0.0
+        st.history.append({
+            "step": st.step,
+            "epoch": st.epoch + st.batch_in_epoch / max(1, self._steps_per_epoch),
+            f"val_{metric}": value,
+            f"train_{metric}": train_value,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            f"{self.task.unit}_per_s": rate,
+        })  # fmt: skip
+        if d.is_main:
+            tqdm.write(
+                f"step {st.step}: val {metric} {value:.2f}"
+                + (f", train {metric} {train_value:.2f}" if train_value is not None else "")
+                + f", {self.task.unit}/s {rate:,.0f}, lr {self.optimizer.param_groups[0]['lr']:.2g}"
+                + (" *" if improved else "")
+            )
+            if improved:
+                save_checkpoint(self.out / BEST_NAME, self.model, self._meta(), rng=False)
+            self._save()
+            write_metrics(self.out, self.metrics())
+        bar.set_postfix({f"val_{metric}": f"{value:.1f}"})
+
+    def _save(self) -> None:
+        save_checkpoint(
+            self.out / CHECKPOINT_NAME, self.model, self._meta(), self.optimizer, self.scheduler
+        )
+
+    def metrics(self, test: dict[str, float] | None = None) -> dict[str, Any]:
+        st, metric = self.state, self.task.metric
+        out = dict(self.task.summary(self.model))
+        out.update({
+            "task": self.task.name,
+            "metric": metric,
+            f"val_{metric}": st.best,
+            f"last_val_{metric}": st.history[-1][f"val_{metric}"] if st.history else None,
+            "best_step": st.best_step,
+            f"{self.task.unit}_per_s": st.units / st.train_seconds if st.train_seconds else 0.0,
+            "steps": st.step,
+            "epochs": st.epoch + st.batch_in_epoch / max(1, self._steps_per_epoch),
+            "train_seconds": st.train_seconds,
+            "eval_seconds": st.eval_seconds,
+            "world_size": self.dist.world_size,
+            "device": str(self.dist.device),
+            "history": st.history,
+            "data_config": self.task.data_config,
+            "model_config": self.task.model_config,
+            "train_config": asdict(self.config),
+        })  # fmt: skip
+        if test is not None:
+            out[f"test_{metric}"] = test[metric]
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``epochs`` or ``max_steps``; evaluate; return the metrics."""
+        if self.model is None:
+            self.setup()
+        cfg, st, d = self.config, self.state, self.dist
+        acc = cfg.accumulate
+        self._steps_per_epoch = len(self._train_batches(0)) // acc
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"the training split has fewer batches per process than accumulate={acc}"
+            )
+        total = cfg.epochs * self._steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        eval_every = cfg.eval_every or max(1, self._steps_per_epoch // cfg.eval_per_epoch)
+        bar = tqdm(total=total, initial=min(st.step, total), unit="step", dynamic_ncols=True,
+                   disable=True if not (cfg.progress and d.is_main) else None,
+                   leave=False)  # fmt: skip  (None: no bar when stderr is not a terminal)
+        thr = Throughput(st.units, st.train_seconds)
+        while st.step < total:
+            it = iter(self._train_batches(st.epoch))
+            for _ in range(st.batch_in_epoch * acc):  # resume inside an epoch
+                next(it)
+            while st.batch_in_epoch < self._steps_per_epoch and st.step < total:
+                micro = [next(it) for _ in range(acc)]
+                thr.start()
+                local_nll, units = self._step(micro)
+                thr.stop(units)
+                st.step += 1
+                st.batch_in_epoch += 1
+                st.units, st.train_seconds = thr.units, thr.seconds
+                st.window_nll += local_nll
+                st.window_units += units / d.world_size  # summed over ranks at evaluation
+                end_epoch = st.batch_in_epoch == self._steps_per_epoch
+                due = st.batch_in_epoch % eval_every == 0 or end_epoch or st.step == total
+                if end_epoch:
+                    st.epoch += 1
+                    st.batch_in_epoch = 0
+                bar.update(1)
+                bar.set_postfix({f"{self.task.unit}/s": f"{thr.rate:,.0f}",
+                                 "loss": f"{local_nll / max(units / d.world_size, 1):.3f}"})
+                if due:
+                    t0 = time.perf_counter()
+                    val = self.evaluate("valid")
+                    st.eval_seconds += time.perf_counter() - t0
+                    self._after_eval(val, bar)
+                elif cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and d.is_main:
+                    self._save()
+                if end_epoch:
+                    break
+        bar.close()
+        if not st.history:  # resumed a finished run: evaluate once for the record
+            self._after_eval(self.evaluate("valid"), bar)
+        test = None
+        if cfg.eval_test:
+            model = self.model
+            if self.best_state is not None:
+                model = self.task.build_model().to(d.device)
+                model.load_state_dict(self.best_state)
+            test = self.evaluate("test", model)
+        metrics = self.metrics(test)
+        if d.is_main:
+            write_metrics(self.out, metrics)
+        d.barrier()
+        return metrics
+
+
+__all__ = ["Trainer", "TrainConfig", "TrainState", "step_generator"]
