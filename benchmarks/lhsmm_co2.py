@@ -1,10 +1,13 @@
 """Train an LHSMM (and a dense-transition HSMM) on a real series: weekly atmospheric CO2 at
 Mauna Loa, 1958-2001 (2284 weeks), the ``co2`` data set shipped inside the PyPI package
-``statsmodels`` (read straight from its CSV; statsmodels itself is not imported).
+``statsmodels`` (read straight from its CSV by :func:`lorank.data.series.load_co2`;
+statsmodels itself is not imported).
 
 The series is differenced (weekly change, which carries the seasonal cycle), missing weeks are
 linearly interpolated, the first 80% of the weeks train and the last 20% test, each cut into
-104-week windows (train stride 26) and standardized with the training statistics.
+104-week windows (train stride 26; the test's last partial window is dropped) and standardized
+with the training statistics: :func:`lorank.data.series.co2_splits` with ``valid_fraction=0``.
+(``lorank train --task hsmm`` uses the same data with a validation split.)
 
     pip install statsmodels        # only its data file is used
     python benchmarks/lhsmm_co2.py [--states 64] [--rank 8] [--epochs 30] [--csv PATH]
@@ -13,39 +16,14 @@ linearly interpolated, the first 80% of the weeks train and the last 20% test, e
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from lorank.data.series import co2_splits
 from lorank.nn.hsmm import LHSMM
-
-
-def co2_csv() -> Path:
-    spec = importlib.util.find_spec("statsmodels")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("statsmodels is not installed: pip install statsmodels (or --csv PATH)")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "co2" / "co2.csv"
-
-
-def load_series(path: Path) -> torch.Tensor:
-    vals = []
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            vals.append(float(row["co2"]) if row["co2"] else float("nan"))
-    x = torch.tensor(vals, dtype=torch.float64)
-    idx = torch.arange(len(x), dtype=torch.float64)
-    ok = ~torch.isnan(x)
-    # linear interpolation of missing weeks
-    x = torch.from_numpy(__import__("numpy").interp(idx.numpy(), idx[ok].numpy(), x[ok].numpy()))
-    return x
-
-
-def windows(x: torch.Tensor, length: int, stride: int) -> torch.Tensor:
-    return x.unfold(0, length, stride).unsqueeze(-1).float()
 
 
 def main(argv=None) -> int:
@@ -62,14 +40,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    series = load_series(args.csv or co2_csv())
-    diff = series[1:] - series[:-1]
-    cut = int(0.8 * len(diff))
-    mu, sd = diff[:cut].mean(), diff[:cut].std()
-    z = (diff - mu) / sd
-    train = windows(z[:cut], 104, 26)
-    test = windows(z[cut:], 104, 104)
-    print(f"co2: {len(series)} weeks; train windows {tuple(train.shape)}, "
+    try:
+        data = co2_splits(104, 26, valid_fraction=0.0, test_fraction=0.2, path=args.csv,
+                          eval_remainder=False)  # fmt: skip
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"{err} (or --csv PATH)") from None
+    train, test = data.windows["train"], data.windows["test"]
+    print(f"co2: {sum(data.weeks.values()) + 1} weeks; train windows {tuple(train.shape)}, "
           f"test windows {tuple(test.shape)}")
     results = {}
     for name, dense in (("lhsmm", False), ("dense_hsmm", True)):

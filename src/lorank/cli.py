@@ -25,8 +25,8 @@ MAIN_JOB = {
     "states": 512,
     "rank": 128,
     "hidden": 128,
-    "max_steps": 250,
-    "batch_size": 256,
+    "max_steps": None,  # one epoch (about 200 steps of 4096 tokens on Shakespeare)
+    "batch_size": 1024,
     "max_tokens": 4096,
     "lr": 1e-2,
     "eval_every": 50,
@@ -55,9 +55,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=_positive_int, default=None,
                    help="stop after this many optimizer steps")  # fmt: skip
     g.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="sequences per batch and process (default 128)")
+                   help="sequences per batch and process (default 1024; --max-tokens binds first "
+                        "for all but the shortest sequences)")
     g.add_argument("--max-tokens", type=_positive_int, default=None,
-                   help="cap on padded tokens per batch (default 4096)")
+                   help="cap on padded tokens (sequences x longest) per batch (default 4096)")
     g.add_argument("--accumulate", type=_positive_int, default=1,
                    help="batches per optimizer step (per process)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-2)")
@@ -84,8 +85,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(task_name: str | None = None) -> argparse.ArgumentParser:
-    from lorank.train.tasks import TASKS
+    from lorank.train.tasks import load_task_modules
 
+    TASKS = load_task_modules()
     parser = argparse.ArgumentParser(
         prog="lorank", description="Low-rank structured models: train, evaluate, sample."
     )
@@ -132,7 +134,7 @@ def _train_config(args, out: str, **defaults):
         out=out,
         epochs=args.epochs,
         max_steps=pick("max_steps", None),
-        batch_size=pick("batch_size", 128),
+        batch_size=pick("batch_size", 1024),
         max_tokens=pick("max_tokens", 4096),
         accumulate=args.accumulate,
         lr=pick("lr", 1e-2),
@@ -166,6 +168,8 @@ def _make_task(args):
 
 def _check_corpus(args) -> None:
     """Fail fast (before any training) on a corpus path that does not exist."""
+    if getattr(args, "task", "lm") not in ("lm", "pcfg"):
+        return  # not a text corpus (music: 'bach', 'folk', ...): the task's loader checks it
     corpus = getattr(args, "corpus", None)
     if corpus and corpus.lower() not in ("shakespeare", "ptb") and not Path(corpus).exists():
         raise FileNotFoundError(
@@ -214,8 +218,8 @@ def _main_job(args, dist) -> int:
 
     job = MAIN_JOB
     out_root = args.out or job["out"]
-    states = args.states or job["states"]
-    rank = args.rank or min(job["rank"], states)
+    states = job["states"] if args.states is None else args.states
+    rank = min(job["rank"], states) if args.rank is None else args.rank
     rows, results = [], {}
     task = None
     for name in job["models"]:
@@ -231,7 +235,8 @@ def _main_job(args, dist) -> int:
         })  # fmt: skip
         if dist.is_main:
             print(f"== {name}: {states} states" + (f", rank {rank}" if name != "hmm" else "")
-                  + f", {cfg.max_steps} steps of <= {cfg.batch_size} sentences", flush=True)
+                  + (f", {cfg.max_steps} steps" if cfg.max_steps else f", {cfg.epochs} epoch(s)")
+                  + f" of batches of <= {cfg.max_tokens} tokens", flush=True)
         metrics = Trainer(task, cfg, dist).fit()
         results[name] = metrics
     args.model = None
@@ -298,7 +303,7 @@ def _load_for_inference(path: str, device: str, data: bool, corpus: str | None =
 
 def cmd_eval(args) -> int:
     from lorank.train.distributed import DistContext
-    from lorank.train.trainer import Trainer, TrainConfig
+    from lorank.train.trainer import TrainConfig, Trainer
 
     _check_corpus(args)
     task, model, meta, dev = _load_for_inference(args.checkpoint, args.device, True, args.corpus)

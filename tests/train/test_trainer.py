@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorank.train import LMTask, Trainer, TrainConfig, load_checkpoint
+from lorank.train import LMTask, TrainConfig, Trainer, load_checkpoint
 from lorank.train.checkpoint import BEST_NAME, CHECKPOINT_NAME, model_state
 from lorank.train.distributed import DistContext
 

@@ -9,7 +9,7 @@ from lorank.train.checkpoint import load_checkpoint, read_metadata, save_checkpo
 from lorank.train.distributed import DistContext
 from lorank.train.metrics import Throughput, write_metrics
 from lorank.train.tasks import TASKS, LMTask, Task, get_task, register_task
-from lorank.train.trainer import Trainer, TrainConfig, TrainState, step_generator
+from lorank.train.trainer import TrainConfig, Trainer, TrainState, step_generator
 
 __all__ = [
     "Trainer",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 from collections.abc import Iterator
@@ -34,6 +35,24 @@ from torch import nn
 
 #: task name -> Task subclass
 TASKS: dict[str, type[Task]] = {}
+#: modules whose import registers more tasks; imported on the first lookup (a module that is
+#: not installed is skipped).  Adding a task outside this file = one entry here.
+TASK_MODULES: list[str] = ["lorank.train.music_task", "lorank.train.structure_tasks"]
+_loaded = False
+
+
+def load_task_modules() -> dict[str, type[Task]]:
+    """Import :data:`TASK_MODULES` once; return :data:`TASKS`."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in TASK_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod:
+                    raise
+    return TASKS
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -45,6 +64,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def get_task(name: str) -> type[Task]:
+    load_task_modules()
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}")
     return TASKS[name]
@@ -196,7 +216,7 @@ class LMTask(Task):
         }
         model = {
             "model": args.model or "lhmm",
-            "num_states": args.states or 1024,
+            "num_states": 1024 if args.states is None else args.states,
             "rank": args.rank,
             "band": args.band,
             "hidden": args.hidden or 256,
@@ -233,8 +253,11 @@ class LMTask(Task):
 
     # ---- data ------------------------------------------------------------------------------
     def load_data(self) -> None:
+        """Load the corpus (once: a task that already holds one keeps it)."""
         from lorank.data import load_corpus
 
+        if self.corpus is not None:
+            return
         d = self.data_config
         self.corpus = load_corpus(d["corpus"], d.get("vocab_size", 10000), d.get("max_length"))
         self._sentences = {}
@@ -322,4 +345,5 @@ class LMTask(Task):
                                         generator=generator)]  # fmt: skip
 
 
-__all__ = ["Task", "LMTask", "TASKS", "register_task", "get_task"]
+__all__ = ["Task", "LMTask", "TASKS", "TASK_MODULES", "register_task", "get_task",
+           "load_task_modules"]

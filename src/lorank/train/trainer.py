@@ -15,6 +15,7 @@ epoch) takes exactly the steps an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class TrainConfig:
     out: str = "runs/lm"
     epochs: int = 1
     max_steps: int | None = None
-    batch_size: int = 128  #: sequences per micro-batch (per process)
+    batch_size: int = 1024  #: sequences per micro-batch (per process)
     max_tokens: int | None = 4096  #: cap on padded units per micro-batch
     eval_batch_size: int | None = None
     eval_max_tokens: int | None = None
@@ -268,7 +269,7 @@ class Trainer:
         return local_nll, total
 
     def _after_eval(self, val: dict[str, float], bar) -> None:
-        cfg, st, d = self.config, self.state, self.dist
+        st, d = self.state, self.dist
         metric = self.task.metric
         value = val[metric]
         self.scheduler.step(value)
@@ -296,6 +297,7 @@ class Trainer:
                 + f", {self.task.unit}/s {rate:,.0f}, lr {self.optimizer.param_groups[0]['lr']:.2g}"
                 + (" *" if improved else "")
             )
+            sys.stdout.flush()
             if improved:
                 save_checkpoint(self.out / BEST_NAME, self.model, self._meta(), rng=False)
             self._save()

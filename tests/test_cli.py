@@ -1,0 +1,122 @@
+"""The ``lorank`` command line: clear errors, train -> eval -> sample, the main job."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorank.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = random.Random(0)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split, n in (("train", 60), ("valid", 12), ("test", 12)):
+        lines = [" ".join(f"w{(g + i) % 3 * 4 + rng.randrange(4)}"
+                          for i in range(rng.randint(2, 7)))
+                 for g in (rng.randrange(3) for _ in range(n))]  # fmt: skip
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_model(corpus, capsys):
+    err = _error(["train", "--corpus", str(corpus), "--model", "transformer"], capsys)
+    assert "unknown model 'transformer'" in err and "hmm, lhmm, lhmm_band, rank_space" in err
+
+
+def test_rank_larger_than_states(corpus, capsys):
+    err = _error(["train", "--corpus", str(corpus), "--model", "lhmm", "--states", "16",
+                  "--rank", "64"], capsys)  # fmt: skip
+    assert "rank (64) must be at most the number of states (16)" in err
+
+
+def test_missing_corpus(tmp_path, capsys):
+    err = _error(["train", "--corpus", str(tmp_path / "nope"), "--model", "lhmm"], capsys)
+    assert "corpus" in err and "not found" in err and "train.txt" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _error(["train", "--corpus", str(empty), "--model", "lhmm", "--out",
+                  str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "lacks train.txt, valid.txt, test.txt" in err
+
+
+def test_other_usage_errors(corpus, tmp_path, capsys):
+    err = _error(["train", "--corpus", str(corpus), "--model", "lhmm", "--band", "2"], capsys)
+    assert "band applies to model 'lhmm_band' only" in err
+    err = _error(["train", "--corpus", str(corpus), "--model", "hmm", "--rank", "2"], capsys)
+    assert "rank applies to low-rank models" in err
+    err = _error(["train", "--task", "nope"], capsys)
+    assert "invalid choice: 'nope'" in err
+    err = _error(["train", "--model", "lhmm", "--states", "0"], capsys)
+    assert "states must be a positive integer" in err
+    err = _error(["eval", str(tmp_path / "missing.safetensors")], capsys)
+    assert "does not exist" in err
+
+
+def test_train_eval_sample(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--corpus", str(corpus), "--model", "lhmm_band", "--states", "6", "--rank",
+            "2", "--band", "1", "--hidden", "8", "--batch-size", "16", "--max-steps", "3",
+            "--eval-every", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "lhmm_band: val ppl" in text and "test ppl" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "lhmm_band" and m["band"] == 1 and m["steps"] == 3
+
+    assert main(["eval", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["valid_ppl"] == pytest.approx(m["val_ppl"], rel=1e-5)
+    assert r["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-5)
+
+    assert main(["sample", str(out / "model.safetensors"), "--num", "3", "--max-length",
+                 "6"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 3 and all(w.startswith("w") or w in ("<eos>", "<unk>")
+                                   for line in lines for w in line.split())  # fmt: skip
+
+    # --resume continues a run; training it again without a flag is refused
+    assert main(argv[:-2] + ["--max-steps", "4", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    assert "pass --resume" in _error(argv, capsys)
+
+
+def test_main_job_prints_the_comparison(corpus, tmp_path, capsys):
+    out = tmp_path / "main"
+    assert main(["train", "--corpus", str(corpus), "--states", "6", "--rank", "2", "--hidden",
+                 "8", "--max-steps", "2", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    for word in ("unigram (add-k", "bigram (add-k", "| hmm", "| lhmm", "val ppl",
+                 "train tokens/s"):  # fmt: skip
+        assert word in text, word
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"hmm", "lhmm"} and "bigram" in summary["baselines"]
+    assert summary["runs"]["lhmm"]["rank"] == 2 and summary["runs"]["hmm"]["rank"] is None
+    assert (out / "hmm" / "metrics.json").exists() and (out / "summary.md").exists()
+
+
+def test_python_dash_m_lorank():
+    r = subprocess.run([sys.executable, "-m", "lorank", "train", "--help"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "--states" in r.stdout and "torchrun" in r.stdout
