@@ -290,3 +290,35 @@ def test_compress_a_neural_hmm_language_model(gen):
         fresh.load_state_dict(low.state_dict())
         assert torch.equal(fresh.eval()(x).log_partition, low(x).log_partition)
     assert isinstance(model.transition(), lorank.Dense)  # the original is untouched
+
+
+def test_cli_on_a_lorank_hmm_checkpoint(tmp_path, gen, capsys):
+    pytest.importorskip("lorank.train.checkpoint")
+    from lorank.train.checkpoint import save_checkpoint
+    from lorank.train.tasks import get_task
+
+    model_config = {"model": "hmm", "num_states": 8, "rank": None, "band": None,
+                    "hidden": 16, "mlp_layers": 1, "state_dropout": 0.0,
+                    "feature_dropout": 0.0, "memory_light": False, "vocab_size": 20}
+    task = get_task("lm")({"corpus": "shakespeare", "vocab_size": 20, "max_length": None},
+                          model_config)
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "model.safetensors", model,
+                    {"task": "lm", "data_config": task.data_config,
+                     "model_config": task.model_config}, rng=False)
+    out = tmp_path / "out"
+    assert cli_main([str(run), "-o", str(out), "--rank", "3"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rank"] == 3 and info["num_states"] == 8
+    loaded = load_compressed(out)
+    assert isinstance(loaded.transition(), lorank.LowRank)
+    x = torch.randint(0, 20, (2, 5), generator=gen)
+    with torch.no_grad():
+        ref = model(x).log_partition
+        got = loaded.eval()(x).log_partition
+    assert torch.isfinite(got).all() and (got - ref).abs().max() < 5.0
+    assert cli_main([str(run), "-o", str(out), "--energy", "0.9"]) == 2
+    assert "--rank R" in capsys.readouterr().err

@@ -11,8 +11,11 @@ Inputs understood:
   calibration text is tokenized with the directory's tokenizer.  The output directory holds
   the compressed weights, ``lorank_compress.json``, the report, and every non-weight file of
   the input (configs, tokenizer), so ``lorank.compress.load_compressed(OUT)`` rebuilds it.
-* a lorank checkpoint directory holding ``model.safetensors`` + ``config.json`` with a
-  ``"lorank_model"`` entry, when ``lorank.nn`` provides ``load_model`` for it.
+* a lorank checkpoint (``lorank train``'s run directory or a ``.safetensors`` checkpoint
+  file).  For a neural HMM (``lorank.nn.NeuralHMM``, e.g. the dense ``hmm`` language model)
+  ``--rank R`` replaces its transition by a rank-R nonnegative factorization
+  (:func:`lorank.compress.compress_hmm`); other lorank models get the layer compression
+  selected by the options.  ``load_compressed(OUT)`` rebuilds either.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("model", help="model directory (Hugging Face / sentence-transformers, or a "
-                                 "lorank checkpoint directory)")
+    p.add_argument("model", help="Hugging Face / sentence-transformers model directory, or a "
+                                 "lorank checkpoint (run directory or .safetensors file)")
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--method", default="svd", choices=METHODS)
     g = p.add_mutually_exclusive_group(required=True)
@@ -148,42 +151,87 @@ def _hf_inputs(args):
     return model, calib, {"kind": "hf", "auto_class": args.auto_class}
 
 
-def _lorank_inputs(args, cfg: dict):
-    try:
-        from lorank import nn as lnn
-        load_model = lnn.load_model
-    except (ImportError, AttributeError) as e:
-        raise SystemExit("lorank compress: this lorank checkpoint needs lorank.nn.load_model, "
-                         "which this version does not provide") from e
-    model = load_model(args.model)
+def _is_lorank_checkpoint(src: Path) -> bool:
+    if src.is_file():
+        return src.suffix == ".safetensors"
+    return not (src / "config.json").is_file() and any(
+        (src / n).is_file() for n in ("model.safetensors", "checkpoint.safetensors"))
+
+
+def load_lorank_checkpoint(path: str | Path, base: dict | None = None):
+    """(model, base) of a lorank training checkpoint; ``base`` (as stored by
+    :func:`save_compressed`) may replace the checkpoint's own configs."""
+    from lorank.train.checkpoint import load_checkpoint, model_state
+    from lorank.train.tasks import get_task
+
+    if base is None:
+        tensors, meta = load_checkpoint(path)
+        state = model_state(tensors)
+    else:
+        meta, state = base, None
+    task = get_task(meta["task"])(dict(meta["data_config"]), dict(meta["model_config"]))
+    model = task.build_model()
+    if state is not None:
+        model.load_state_dict(state)
+    model.eval()
+    info = {"kind": "lorank", "task": meta["task"], "data_config": meta["data_config"],
+            "model_config": meta["model_config"]}
+    return model, info
+
+
+def _run_lorank(args, src: Path, config: CompressConfig):
+    from lorank.compress.hmm import compress_hmm
+
+    model, base = load_lorank_checkpoint(src)
     if args.calib_text:
-        raise SystemExit("lorank compress: --calib-text is for Hugging Face directories; "
-                         "use the Python API (calibration=...) for lorank models")
-    return model, None, {"kind": "lorank", "config": cfg}
+        raise ValueError("--calib-text is for Hugging Face directories; use the Python API "
+                         "(calibration=...) for lorank models")
+    if hasattr(model, "num_states") and callable(getattr(model, "transition", None)):
+        if args.rank is None:
+            raise ValueError("a lorank HMM checkpoint takes --rank R: the rank of the "
+                             "nonnegative factorization of its transition")
+        model, info = compress_hmm(model, args.rank, inplace=True)
+        base["hmm_transition_rank"] = info["rank"]
+        return model, None, base, info
+    if config.data_aware:
+        raise ValueError(f"--method {config.method} needs calibration data: use the Python "
+                         f"API for lorank models")
+    model, report = compress(model, config)
+    return model, report, base, None
 
 
 def run(args) -> int:
     """Run ``lorank compress`` for parsed ``args``; returns the exit code."""
     src = Path(args.model)
-    if not src.is_dir():
-        print(f"lorank compress: {src} is not a directory", file=sys.stderr)
+    lorank_ckpt = src.exists() and _is_lorank_checkpoint(src)
+    if not lorank_ckpt and not src.is_dir():
+        print(f"lorank compress: {src} is not a model directory or checkpoint",
+              file=sys.stderr)
         return 2
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
+    if not lorank_ckpt and not (src / "config.json").is_file():
         print(f"lorank compress: {src} has no config.json (not a model directory)",
               file=sys.stderr)
         return 2
     try:
         config = _config_from_args(args)
-        meta = json.loads(cfg_path.read_text())
-        if "lorank_model" in meta:
-            model, calib, base = _lorank_inputs(args, meta)
-        else:
-            model, calib, base = _hf_inputs(args)
+        if lorank_ckpt:
+            model, report, base, hmm_info = _run_lorank(args, src, config)
+            out = Path(args.out)
+            save_compressed(model, out, report, base=base)
+            if hmm_info is not None:
+                text = json.dumps(hmm_info, indent=2)
+                (out / "compress_report.json").write_text(text + "\n")
+                print(text)
+            else:
+                (out / "compress_report.md").write_text(report.table() + "\n")
+                print(report.to_json() if args.json else report.table())
+            print(f"wrote {out}", file=sys.stderr)
+            return 0
+        model, calib, base = _hf_inputs(args)
         if config.data_aware and calib is None:
             raise ValueError(f"--method {config.method} needs --calib-text")
         loss_fn = _random_projection_loss(args.seed) if config.method == "fwsvd" else None
-        if loss_fn is not None and base["kind"] == "hf":
+        if loss_fn is not None:
             inner = loss_fn
 
             def loss_fn(out, batch):  # a model loss when the head computes one
@@ -191,7 +239,7 @@ def run(args) -> int:
                     return out.loss
                 return inner(out, batch)
         model, report = compress(model, config, calibration=calib, loss_fn=loss_fn)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         print(f"lorank compress: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -113,8 +113,14 @@ def load_compressed(
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"unsupported format {meta.get('format')!r} in {meta_path}")
+    base = meta.get("base") or {}
     if model is None:
-        model = _build_base(directory, meta.get("base") or {})
+        model = _build_base(directory, base)
+    if base.get("hmm_transition_rank"):
+        from lorank.compress.hmm import attach_lowrank_transition
+
+        z, r = model.num_states, int(base["hmm_transition_rank"])
+        attach_lowrank_transition(model, torch.zeros(z, r), torch.zeros(z, r))
     model = apply_structure(model, meta["modules"])
     state = load_file(str(directory / WEIGHTS), device=str(map_location))
     for alias, target in meta.get("aliases", {}).items():
@@ -133,6 +139,10 @@ def _build_base(directory: Path, base: dict) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(directory))
         auto = getattr(transformers, base.get("auto_class", "AutoModel"))
         return auto.from_config(config)
+    if kind == "lorank":
+        from lorank.compress.cli import load_lorank_checkpoint
+
+        return load_lorank_checkpoint(directory, base)[0]
     raise ValueError(
         "this directory does not describe its base model: pass model= (a dense model of the "
         "original architecture) to load_compressed"
