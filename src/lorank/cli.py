@@ -116,6 +116,10 @@ def build_parser(task_name: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--max-length", type=_positive_int, default=40)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="auto")
+
+    from lorank.compress.cli import add_parser as add_compress_parser
+
+    add_compress_parser(sub)
     return parser
 
 
@@ -338,7 +342,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_compress(args) -> int:
+    from lorank.compress.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError,
+            NotImplementedError) as e:
         parser.exit(2, f"lorank: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
