@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorank.train.tasks import LMTask, Task, register_task
+from lorank.train.tasks import LMTask, Task, add_hmm_model_arguments, register_task
 
 #: pitch-class names for :func:`roll_to_text`
 _PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
@@ -86,23 +86,10 @@ class MusicTask(Task):
                        help="use only this many pieces (~70/15/15 %%), for quick runs")
         g.add_argument("--no-transpose", action="store_true",
                        help="keep every piece in its written key")
-        g.add_argument("--model", default=None,
-                       help="hmm (dense softmax), lhmm, lhmm_band or rank_space (default lhmm)")
-        g.add_argument("--states", type=int, default=None, help="number of states Z (256)")
-        g.add_argument("--rank", type=int, default=None, help="rank R (default Z/4)")
-        g.add_argument("--band", type=int, default=None, help="band width of lhmm_band")
-        g.add_argument("--hidden", type=int, default=None, help="embedding size d (default 128)")
-        g.add_argument("--mlp-layers", type=int, default=2,
-                       help="residual layers of the transition MLP")
+        add_hmm_model_arguments(g, default_hidden=128)
         g.add_argument("--emission-layers", type=int, default=1,
                        help="residual layers of the key-logit MLP (0: linear in the state "
                             "embedding)")  # fmt: skip
-        g.add_argument("--state-dropout", type=float, default=0.0,
-                       help="fraction of states dropped per training batch")
-        g.add_argument("--feature-dropout", type=float, default=0.0,
-                       help="fraction of rank features dropped per training batch")
-        g.add_argument("--memory-light", action="store_true",
-                       help="lhmm: save O(BTR) instead of O(BTZ) for backward")
 
     @classmethod
     def configs_from_args(cls, args: argparse.Namespace) -> tuple[dict, dict]:

@@ -160,6 +160,24 @@ class Task:
 # language modelling with HMMs
 
 
+def add_hmm_model_arguments(g, default_hidden: int) -> None:
+    """The ``NeuralHMM`` options shared by the HMM tasks (lm, music)."""
+    g.add_argument("--model", default=None,
+                   help="hmm (dense softmax), lhmm, lhmm_band or rank_space (default lhmm)")
+    g.add_argument("--states", type=int, default=None, help="number of states Z")
+    g.add_argument("--rank", type=int, default=None, help="rank R (default Z/4)")
+    g.add_argument("--band", type=int, default=None, help="band width of lhmm_band")
+    g.add_argument("--hidden", type=int, default=None,
+                   help=f"embedding size d (default {default_hidden})")
+    g.add_argument("--mlp-layers", type=int, default=2, help="residual layers per MLP")
+    g.add_argument("--state-dropout", type=float, default=0.0,
+                   help="fraction of states dropped per training batch")
+    g.add_argument("--feature-dropout", type=float, default=0.0,
+                   help="fraction of rank features dropped per training batch")
+    g.add_argument("--memory-light", action="store_true",
+                   help="lhmm: save O(BTR) instead of O(BTZ) for backward")  # fmt: skip
+
+
 def _vocab_digest(itos: list[str]) -> str:
     return hashlib.sha256(json.dumps(itos).encode()).hexdigest()[:16]
 
@@ -193,19 +211,7 @@ class LMTask(Task):
                        help="vocabulary cap incl. <unk> and <eos> (default 10000)")
         g.add_argument("--max-length", type=int, default=None,
                        help="drop training sentences longer than this many tokens (incl. <eos>)")
-        g.add_argument("--model", default=None,
-                       help="hmm (dense softmax), lhmm, lhmm_band or rank_space (default lhmm)")
-        g.add_argument("--states", type=int, default=None, help="number of states Z")
-        g.add_argument("--rank", type=int, default=None, help="rank R (default Z/4)")
-        g.add_argument("--band", type=int, default=None, help="band width of lhmm_band")
-        g.add_argument("--hidden", type=int, default=None, help="embedding size d (default 256)")
-        g.add_argument("--mlp-layers", type=int, default=2, help="residual layers per MLP")
-        g.add_argument("--state-dropout", type=float, default=0.0,
-                       help="fraction of states dropped per training batch")
-        g.add_argument("--feature-dropout", type=float, default=0.0,
-                       help="fraction of rank features dropped per training batch")
-        g.add_argument("--memory-light", action="store_true",
-                       help="lhmm: save O(BTR) instead of O(BTZ) for backward")
+        add_hmm_model_arguments(g, default_hidden=256)
 
     @classmethod
     def configs_from_args(cls, args: argparse.Namespace) -> tuple[dict, dict]:
