@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-light", action="store_true", help="also time the memory-light mode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-n", type=int, default=4096)
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (default: torch's choice); 1 is steadier on a shared machine",
+    )
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     args = p.parse_args(argv)
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         args.peak_n = 2048
         if args.out == HERE / "RESULTS.md":
             args.out = HERE / "RESULTS-quick.md"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_gflops(args.device, args.peak_n)
     print(f"machine: {machine_description()}\nsquare matmul: {peak:.1f} GFLOP/s", flush=True)
