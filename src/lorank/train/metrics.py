@@ -65,8 +65,11 @@ def fmt(x: Any, digits: int = 1) -> str:
 def markdown_table(header: list[str], rows: list[list[Any]], digits: int = 1) -> str:
     """A GitHub-markdown table; numbers right-aligned."""
     cells = [[fmt(c, digits) for c in r] for r in rows]
-    align = ["---:" if rows and isinstance(rows[0][i], (int, float)) else "---"
-             for i in range(len(header))]  # fmt: skip
+    def numeric(i: int) -> bool:
+        vals = [r[i] for r in rows if r[i] is not None]
+        return bool(vals) and all(isinstance(v, (int, float)) for v in vals)
+
+    align = ["---:" if numeric(i) else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(lines)
