@@ -172,13 +172,6 @@ class MusicTask(Task):
             world_size=world_size,
         )
 
-    def count(self, batch) -> int:
-        return int(batch[1].sum())
-
-    def nll(self, model, batch, generator):
-        rolls, lengths = batch
-        return -model(rolls, lengths, generator=generator).log_partition.sum()
-
     # ---- reporting -------------------------------------------------------------------------
     def independent_keys(self) -> dict[str, float]:
         """The independent-keys baseline on this corpus (alpha chosen on valid):

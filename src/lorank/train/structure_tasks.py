@@ -325,9 +325,6 @@ class HSMMTask(Task):
 
         return BatchIterator(idx, collate)
 
-    def count(self, batch) -> int:
-        return int(batch[1].sum())
-
     def nll(self, model, batch, generator):
         x, lengths = batch
         return -model(x, lengths).log_partition.sum()

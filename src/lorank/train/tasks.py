@@ -121,12 +121,15 @@ class Task:
         return type(batch)(self.to_device(b, device) for b in batch)
 
     def count(self, batch) -> int:
-        """Number of predicted units (tokens incl. ``<eos>``, time steps) in a batch."""
-        raise NotImplementedError
+        """Number of predicted units (tokens incl. ``<eos>``, time steps) in a batch; the
+        default reads ``(inputs, lengths)`` batches."""
+        return int(batch[1].sum())
 
     def nll(self, model: nn.Module, batch, generator: torch.Generator | None) -> torch.Tensor:
-        """Summed negative log-likelihood (nats) of the batch: a differentiable scalar."""
-        raise NotImplementedError
+        """Summed negative log-likelihood (nats) of the batch: a differentiable scalar; the
+        default calls ``model(inputs, lengths, generator=...)`` and reads its log-partition."""
+        inputs, lengths = batch
+        return -model(inputs, lengths, generator=generator).log_partition.sum()
 
     # ---- reporting -------------------------------------------------------------------------
     def metric_value(self, nll: float, count: int) -> float:
@@ -300,13 +303,6 @@ class LMTask(Task):
             rank=rank,
             world_size=world_size,
         )
-
-    def count(self, batch) -> int:
-        return int(batch[1].sum())
-
-    def nll(self, model, batch, generator):
-        tokens, lengths = batch
-        return -model(tokens, lengths, generator=generator).log_partition.sum()
 
     # ---- reporting -------------------------------------------------------------------------
     def summary(self, model: nn.Module) -> dict[str, Any]:
