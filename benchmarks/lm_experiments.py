@@ -168,7 +168,8 @@ def results_table(results: dict, baselines: dict) -> str:
     for r in sorted(results.values(), key=lambda r: (order[r["model"]], -(r["rank"] or 1e9))):
         rel = (r["step_tokens_per_s"] / dense["step_tokens_per_s"]) if dense else None
         rows.append([r["model"], r["states"], r["rank"], r["params"], r["val_ppl"], r["test_ppl"],
-                     r["step_tokens_per_s"], rel, r["tokens_per_s"]])  # fmt: skip
+                     round(r["step_tokens_per_s"]), None if rel is None else f"{rel:.2f}x",
+                     round(r["tokens_per_s"])])  # fmt: skip
     header = ["model", "Z", "R", "params", "val ppl", "test ppl", "step tokens/s",
               "speed vs dense", "run tokens/s"]  # fmt: skip
     table = markdown_table(header, rows)

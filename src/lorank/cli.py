@@ -22,10 +22,11 @@ from typing import Any
 #: the main job: ``lorank train`` without --model
 MAIN_JOB = {
     "models": ("hmm", "lhmm"),
-    "states": 512,
+    "states": 1024,
     "rank": 128,
     "hidden": 128,
-    "max_steps": None,  # one epoch (about 200 steps of 4096 tokens on Shakespeare)
+    "epochs": 2,  # on Shakespeare: 2 x 203 steps of <= 4096 tokens
+    "max_steps": None,
     "batch_size": 1024,
     "max_tokens": 4096,
     "lr": 1e-2,
@@ -51,7 +52,8 @@ def _positive_int(text: str) -> int:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", default=None, help="output directory (default runs/<model>)")
-    g.add_argument("--epochs", type=_positive_int, default=1)
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help="passes over the training data (default 1; the main job: 2)")
     g.add_argument("--max-steps", type=_positive_int, default=None,
                    help="stop after this many optimizer steps")  # fmt: skip
     g.add_argument("--batch-size", type=_positive_int, default=None,
@@ -136,7 +138,7 @@ def _train_config(args, out: str, **defaults):
 
     return TrainConfig(
         out=out,
-        epochs=args.epochs,
+        epochs=pick("epochs", 1),
         max_steps=pick("max_steps", None),
         batch_size=pick("batch_size", 1024),
         max_tokens=pick("max_tokens", 4096),
@@ -235,7 +237,8 @@ def _main_job(args, dist) -> int:
         task = _make_task(args)
         args.states, args.rank, args.hidden = saved
         cfg = _train_config(args, os.path.join(out_root, name), overwrite=True, **{
-            k: job[k] for k in ("max_steps", "batch_size", "max_tokens", "lr", "eval_every")
+            k: job[k] for k in ("epochs", "max_steps", "batch_size", "max_tokens", "lr",
+                                "eval_every")
         })  # fmt: skip
         if dist.is_main:
             print(f"== {name}: {states} states" + (f", rank {rank}" if name != "hmm" else "")
