@@ -96,6 +96,7 @@ def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
         "state_dropout": args.state_dropout,
         "feature_dropout": 0.0,
         "memory_light": False,
+        "init_scale": 1.0,  # the music task's default (the LM task uses 3)
     }
     MusicTask.check_model_config(model_config)
     task = MusicTask({"corpus": corpus, "grid": None, "max_pieces": args.max_pieces,

@@ -325,6 +325,7 @@ class HMMLanguageModel(NeuralHMM):
         state_dropout: float = 0.0,
         feature_dropout: float = 0.0,
         memory_light: bool = False,
+        init_scale: float = INIT_SCALE,
     ):
         super().__init__(
             num_states,
@@ -336,6 +337,7 @@ class HMMLanguageModel(NeuralHMM):
             state_dropout=state_dropout,
             feature_dropout=feature_dropout,
             memory_light=memory_light,
+            init_scale=init_scale,
         )
         self.vocab_size = vocab_size
         self._config = {

@@ -65,7 +65,7 @@ class MusicTask(Task):
 
     #: model-config keys passed to :class:`lorank.nn.hmm.NeuralHMM`
     HMM_KEYS = ("model", "num_states", "rank", "band", "mlp_layers", "state_dropout",
-                "feature_dropout", "memory_light")  # fmt: skip
+                "feature_dropout", "memory_light", "init_scale")  # fmt: skip
 
     def __init__(self, data_config: dict[str, Any], model_config: dict[str, Any]):
         super().__init__(data_config, model_config)
@@ -86,7 +86,8 @@ class MusicTask(Task):
                        help="use only this many pieces (~70/15/15 %%), for quick runs")
         g.add_argument("--no-transpose", action="store_true",
                        help="keep every piece in its written key")
-        add_hmm_model_arguments(g, default_hidden=128)
+        # init scale 1: the setting docs/music.md was measured with
+        add_hmm_model_arguments(g, default_hidden=128, default_init_scale=1.0)
         g.add_argument("--emission-layers", type=int, default=1,
                        help="residual layers of the key-logit MLP (0: linear in the state "
                             "embedding)")  # fmt: skip
@@ -110,6 +111,7 @@ class MusicTask(Task):
             "state_dropout": args.state_dropout,
             "feature_dropout": args.feature_dropout,
             "memory_light": args.memory_light,
+            "init_scale": args.init_scale,
         }
         return data, model
 

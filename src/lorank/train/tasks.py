@@ -163,7 +163,7 @@ class Task:
 # language modelling with HMMs
 
 
-def add_hmm_model_arguments(g, default_hidden: int) -> None:
+def add_hmm_model_arguments(g, default_hidden: int, default_init_scale: float) -> None:
     """The ``NeuralHMM`` options shared by the HMM tasks (lm, music)."""
     g.add_argument("--model", default=None,
                    help="hmm (dense softmax), lhmm, lhmm_band or rank_space (default lhmm)")
@@ -178,7 +178,10 @@ def add_hmm_model_arguments(g, default_hidden: int) -> None:
     g.add_argument("--feature-dropout", type=float, default=0.0,
                    help="fraction of rank features dropped per training batch")
     g.add_argument("--memory-light", action="store_true",
-                   help="lhmm: save O(BTR) instead of O(BTZ) for backward")  # fmt: skip
+                   help="lhmm: save O(BTR) instead of O(BTZ) for backward")
+    g.add_argument("--init-scale", type=float, default=default_init_scale,
+                   help="std of the initial transition log-potentials "
+                        f"(default {default_init_scale:g})")  # fmt: skip
 
 
 def _vocab_digest(itos: list[str]) -> str:
@@ -196,7 +199,7 @@ class LMTask(Task):
     unit = "tokens"
 
     MODEL_KEYS = ("model", "num_states", "rank", "band", "hidden", "mlp_layers",
-                  "state_dropout", "feature_dropout", "memory_light")  # fmt: skip
+                  "state_dropout", "feature_dropout", "memory_light", "init_scale")  # fmt: skip
 
     def __init__(self, data_config: dict[str, Any], model_config: dict[str, Any]):
         super().__init__(data_config, model_config)
@@ -214,7 +217,7 @@ class LMTask(Task):
                        help="vocabulary cap incl. <unk> and <eos> (default 10000)")
         g.add_argument("--max-length", type=int, default=None,
                        help="drop training sentences longer than this many tokens (incl. <eos>)")
-        add_hmm_model_arguments(g, default_hidden=256)
+        add_hmm_model_arguments(g, default_hidden=256, default_init_scale=3.0)
 
     @classmethod
     def configs_from_args(cls, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -233,6 +236,7 @@ class LMTask(Task):
             "state_dropout": args.state_dropout,
             "feature_dropout": args.feature_dropout,
             "memory_light": args.memory_light,
+            "init_scale": args.init_scale,
         }
         return data, model
 
