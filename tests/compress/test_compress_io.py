@@ -36,7 +36,7 @@ def test_save_load_round_trips_outputs_exactly(method, gran, tmp_path, gen):
     loaded = load_compressed(tmp_path / "c", fresh).eval()
     x = calib[0]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), cm(x), rtol=1e-6, atol=1e-6)
+        assert torch.equal(cm(x), loaded(x))
     assert {n: type(m) for n, m in cm.named_modules()} == \
         {n: type(m) for n, m in loaded.named_modules()}
     meta = json.loads((tmp_path / "c" / "lorank_compress.json").read_text())
@@ -63,7 +63,7 @@ def test_save_load_tied_weights(tmp_path, gen):
     loaded = load_compressed(tmp_path, Tied())
     assert loaded.out.weight is loaded.emb.weight
     x = torch.randint(0, 30, (5,), generator=gen)
-    torch.testing.assert_close(loaded(x), cm(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(cm(x), loaded(x))
 
 
 def test_load_errors(tmp_path):
@@ -190,9 +190,7 @@ def test_hf_attention_projections(tmp_path, gen):
     save_compressed(cm, tmp_path, rep, base={"kind": "hf", "auto_class": "AutoModel"})
     loaded = load_compressed(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(**calib[0]).last_hidden_state, y1, rtol=1e-6, atol=1e-6
-        )
+        assert torch.equal(loaded(**calib[0]).last_hidden_state, y1)
 
 
 def test_hf_exact_rank_attention_is_lossless(gen):
@@ -286,13 +284,14 @@ def test_compress_a_neural_hmm_language_model(gen):
         low, info = compress_hmm(model, 3)
         assert isinstance(low.transition(), lorank.LowRank) and low.transition().rank == 3
         assert info["lowrank_transition_params"] == 2 * 8 * 3
+        # parameters are contiguous, as a model rebuilt for loading is: outputs then match
+        # bit for bit on any CPU (a transposed layout picked other kernels on CI)
+        assert all(p.is_contiguous() for p in low.lowrank_transition.parameters())
         # weights restore onto a fresh model once the structure is attached
         fresh = hmm_mod.HMMLanguageModel(vocab_size=20, num_states=8, model="hmm", hidden=16)
         attach_lowrank_transition(fresh, torch.zeros(8, 3), torch.zeros(8, 3))
         fresh.load_state_dict(low.state_dict())
-        # equal up to rounding: restored weights may sit differently in memory
-        got, want = fresh.eval()(x).log_partition, low(x).log_partition
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(fresh.eval()(x).log_partition, low(x).log_partition)
     assert isinstance(model.transition(), lorank.Dense)  # the original is untouched
 
 

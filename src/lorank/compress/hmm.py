@@ -73,8 +73,8 @@ def nmf_transition(
             pad = rank - a.shape[1]
             a = torch.cat([a, a.new_zeros(z, pad)], 1)
             c = torch.cat([c, c.new_full((z, pad), 1.0 / z)], 1)
-    left = a.clamp_min(_FLOOR).log().to(p.dtype)
-    right = c.clamp_min(_FLOOR).log().to(p.dtype)
+    left = a.clamp_min(_FLOOR).log().to(p.dtype).contiguous()
+    right = c.clamp_min(_FLOOR).log().to(p.dtype).contiguous()
     return LowRank(left, right)
 
 
@@ -106,8 +106,11 @@ class LowRankTransition(torch.nn.Module):
 
     def __init__(self, left: torch.Tensor, right: torch.Tensor):
         super().__init__()
-        self.left = torch.nn.Parameter(left.detach().clone())
-        self.right = torch.nn.Parameter(right.detach().clone())
+        # contiguous copies: a model rebuilt for loading (zeros, contiguous) then computes
+        # with the same memory layout, so its outputs are bit-identical
+        self.left = torch.nn.Parameter(left.detach().clone(memory_format=torch.contiguous_format))
+        self.right = torch.nn.Parameter(
+            right.detach().clone(memory_format=torch.contiguous_format))
 
     @property
     def rank(self) -> int:
