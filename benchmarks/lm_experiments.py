@@ -86,7 +86,7 @@ def run_one(corpus, name: str, rank: int | None, args) -> dict:
     model_cfg = {"model": name, "num_states": args.states, "rank": rank,
                  "band": args.band if name == "lhmm_band" else None, "hidden": args.hidden,
                  "mlp_layers": 2, "state_dropout": 0.0, "feature_dropout": 0.0,
-                 "memory_light": False}  # fmt: skip
+                 "memory_light": False, "init_scale": args.init_scale}  # fmt: skip
     LMTask.check_model_config(model_cfg)
     task = LMTask({"corpus": args.corpus, "vocab_size": args.vocab_size, "max_length": None},
                   model_cfg)  # fmt: skip
@@ -188,6 +188,8 @@ def main(argv=None) -> int:
                          "R x R step matrices costs O(Z R^2) per token)")  # fmt: skip
     ap.add_argument("--band", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--init-scale", type=float, default=3.0,
+                    help="std of the initial transition log-potentials (the LM task's default)")
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=4096)
@@ -243,7 +245,8 @@ def main(argv=None) -> int:
             "vocab_size": len(corpus.vocab), "train_tokens": int(corpus.train.numel()),
             "baselines": baselines, "results": results,
             "settings": {k: getattr(args, k) for k in ("states", "rank_divisors", "band",
-                         "hidden", "max_steps", "batch_size", "max_tokens", "lr", "seed",
+                         "hidden", "init_scale", "max_steps", "batch_size", "max_tokens", "lr",
+                         "seed",
                          "timing_reps", "threads")},
             "command": "python benchmarks/lm_experiments.py " + " ".join(argv or sys.argv[1:]),
         })  # fmt: skip
@@ -268,7 +271,8 @@ def generated_block(table: str, store: dict, args, plot_ok: bool) -> str:
         f"Corpus `{store.get('corpus')}` ({store.get('vocab_size')} words, "
         f"{store.get('train_tokens', 0):,} training tokens); {s.get('max_steps')} optimizer "
         f"steps of <= {s.get('max_tokens')} tokens per model (AdamW, lr {s.get('lr')}, "
-        f"hidden {s.get('hidden')}, band width {s.get('band')}, seed {s.get('seed')}); "
+        f"hidden {s.get('hidden')}, init scale {s.get('init_scale', 3.0):g}, "
+        f"band width {s.get('band')}, seed {s.get('seed')}); "
         f"device `{store.get('device')}`.",
         "",
         f"Machine: {store.get('machine')}.",

@@ -1,4 +1,4 @@
-"""The ``lorank`` command line: ``train``, ``eval`` and ``sample``.
+"""The ``lorank`` command line: ``train``, ``eval``, ``sample`` and ``compress``.
 
 ``lorank train`` with no ``--model`` is the main job: it trains the dense softmax HMM and the
 LHMM on the built-in Shakespeare corpus (or ``--corpus``) with a budget that fits in about ten
@@ -91,7 +91,7 @@ def build_parser(task_name: str | None = None) -> argparse.ArgumentParser:
 
     TASKS = load_task_modules()
     parser = argparse.ArgumentParser(
-        prog="lorank", description="Low-rank structured models: train, evaluate, sample."
+        prog="lorank", description="Low-rank structured models: train, evaluate, sample, compress."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -1,8 +1,8 @@
 """``lorank compress``: compress a model directory and write the result, report included.
 
 Standalone: ``python -m lorank.compress.cli MODEL_DIR -o OUT --method whitened
---param-reduction 0.4 --calib-text sentences.txt``.  The lead's ``lorank`` CLI wires it in
-with :func:`add_parser` and :func:`run`.
+--param-reduction 0.4 --calib-text sentences.txt``.  The ``lorank`` CLI
+(``lorank compress``) wires it in with :func:`add_parser` and :func:`run`.
 
 Inputs understood:
 
