@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorank.train.tasks import LMTask, Task, add_hmm_model_arguments, register_task
+from lorank.train.tasks import (
+    LMTask,
+    Task,
+    add_hmm_model_arguments,
+    hmm_model_config,
+    register_task,
+)
 
 #: pitch-class names for :func:`roll_to_text`
 _PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
@@ -100,19 +106,8 @@ class MusicTask(Task):
             "max_pieces": args.max_pieces,
             "transpose": not args.no_transpose,
         }
-        model = {
-            "model": args.model or "lhmm",
-            "num_states": args.states or 256,
-            "rank": args.rank,
-            "band": args.band,
-            "hidden": args.hidden or 128,
-            "mlp_layers": args.mlp_layers,
-            "emission_layers": args.emission_layers,
-            "state_dropout": args.state_dropout,
-            "feature_dropout": args.feature_dropout,
-            "memory_light": args.memory_light,
-            "init_scale": args.init_scale,
-        }
+        model = hmm_model_config(args, default_states=256, default_hidden=128)
+        model["emission_layers"] = args.emission_layers
         return data, model
 
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorank.train.tasks import LMTask, Task, register_task
+from lorank.train.tasks import LMTask, Task, add_text_corpus_arguments, register_task
 
 
 def _positive(name: str, v: object) -> int:
@@ -51,11 +51,7 @@ class PCFGTask(LMTask):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("PCFG language model (--task pcfg)")
-        g.add_argument("--corpus", default=None,
-                       help="'shakespeare' (default), 'ptb', or a directory with train.txt, "
-                            "valid.txt, test.txt")  # fmt: skip
-        g.add_argument("--vocab-size", type=int, default=10000,
-                       help="vocabulary cap incl. <unk> and <eos> (default 10000)")
+        add_text_corpus_arguments(g)
         g.add_argument("--max-length", type=int, default=40,
                        help="drop training sentences longer than this many words (default 40; "
                             "inside costs grow as length^3)")  # fmt: skip

@@ -163,6 +163,15 @@ class Task:
 # language modelling with HMMs
 
 
+def add_text_corpus_arguments(g) -> None:
+    """The corpus options shared by the text tasks (lm, pcfg)."""
+    g.add_argument("--corpus", default=None,
+                   help="'shakespeare' (default), 'ptb', or a directory with train.txt, "
+                        "valid.txt, test.txt")  # fmt: skip
+    g.add_argument("--vocab-size", type=int, default=10000,
+                   help="vocabulary cap incl. <unk> and <eos> (default 10000)")
+
+
 def add_hmm_model_arguments(g, default_hidden: int, default_init_scale: float) -> None:
     """The ``NeuralHMM`` options shared by the HMM tasks (lm, music)."""
     g.add_argument("--model", default=None,
@@ -182,6 +191,23 @@ def add_hmm_model_arguments(g, default_hidden: int, default_init_scale: float) -
     g.add_argument("--init-scale", type=float, default=default_init_scale,
                    help="std of the initial transition log-potentials "
                         f"(default {default_init_scale:g})")  # fmt: skip
+
+
+def hmm_model_config(args: argparse.Namespace, default_states: int,
+                     default_hidden: int) -> dict[str, Any]:
+    """The ``NeuralHMM`` config from the options of :func:`add_hmm_model_arguments`."""
+    return {
+        "model": args.model or "lhmm",
+        "num_states": default_states if args.states is None else args.states,
+        "rank": args.rank,
+        "band": args.band,
+        "hidden": args.hidden or default_hidden,
+        "mlp_layers": args.mlp_layers,
+        "state_dropout": args.state_dropout,
+        "feature_dropout": args.feature_dropout,
+        "memory_light": args.memory_light,
+        "init_scale": args.init_scale,
+    }
 
 
 def _vocab_digest(itos: list[str]) -> str:
@@ -210,11 +236,7 @@ class LMTask(Task):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("language model (--task lm)")
-        g.add_argument("--corpus", default=None,
-                       help="'shakespeare' (default), 'ptb', or a directory with train.txt, "
-                            "valid.txt, test.txt")  # fmt: skip
-        g.add_argument("--vocab-size", type=int, default=10000,
-                       help="vocabulary cap incl. <unk> and <eos> (default 10000)")
+        add_text_corpus_arguments(g)
         g.add_argument("--max-length", type=int, default=None,
                        help="drop training sentences longer than this many tokens (incl. <eos>)")
         add_hmm_model_arguments(g, default_hidden=256, default_init_scale=3.0)
@@ -226,19 +248,7 @@ class LMTask(Task):
             "vocab_size": args.vocab_size,
             "max_length": args.max_length,
         }
-        model = {
-            "model": args.model or "lhmm",
-            "num_states": 1024 if args.states is None else args.states,
-            "rank": args.rank,
-            "band": args.band,
-            "hidden": args.hidden or 256,
-            "mlp_layers": args.mlp_layers,
-            "state_dropout": args.state_dropout,
-            "feature_dropout": args.feature_dropout,
-            "memory_light": args.memory_light,
-            "init_scale": args.init_scale,
-        }
-        return data, model
+        return data, hmm_model_config(args, default_states=1024, default_hidden=256)
 
     @classmethod
     def check_model_config(cls, config: dict[str, Any]) -> None:
