@@ -241,6 +241,9 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+NOTES_HEADING = "## Notes"
+
+
 def write_results(rows: list[Row], peak: float, args, path: Path, plot_path: Path) -> None:
     lines = [
         "# Chain (HMM) speed: dense vs low-rank vs torch-struct",
@@ -276,6 +279,10 @@ def write_results(rows: list[Row], peak: float, args, path: Path, plot_path: Pat
             f"{fmt(row.fwdbwd_gflop, '.1f')} | {fmt(speed, '.1f')} | {row.note} |"
         )
     lines += ["", f"![time vs rank]({plot_path.name})", ""]
+    # a hand-written "## Notes" section at the end of the old file survives a rerun
+    old = path.read_text() if path.exists() else ""
+    if NOTES_HEADING in old:
+        lines += [old[old.index(NOTES_HEADING) :].rstrip(), ""]
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
 
