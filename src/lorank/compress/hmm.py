@@ -73,8 +73,8 @@ def nmf_transition(
             pad = rank - a.shape[1]
             a = torch.cat([a, a.new_zeros(z, pad)], 1)
             c = torch.cat([c, c.new_full((z, pad), 1.0 / z)], 1)
-    left = a.clamp_min(_FLOOR).log().to(p.dtype).contiguous()
-    right = c.clamp_min(_FLOOR).log().to(p.dtype).contiguous()
+    left = a.clamp_min(_FLOOR).log().to(p.dtype)
+    right = c.clamp_min(_FLOOR).log().to(p.dtype)
     return LowRank(left, right)
 
 
