@@ -3,7 +3,8 @@
 ``lorank train`` with no ``--model`` is the main job: it trains the dense softmax HMM and the
 LHMM on the built-in Shakespeare corpus (or ``--corpus``) with a budget that fits in about ten
 minutes on two CPU cores (measured: 6 minutes, docs/results.md), then prints perplexity and
-speed next to unigram and bigram baselines.  With ``--model`` it trains one model.  Multi-process data parallelism::
+speed next to unigram and bigram baselines.  With ``--model`` it trains one model.
+Multi-process data parallelism::
 
     torchrun --nproc_per_node 2 -m lorank.cli train --model lhmm --states 1024 ...
 
