@@ -53,6 +53,14 @@ def windows(streams: torch.Tensor, bptt: int):
         yield streams[:, i:j], streams[:, i + 1:j + 1]
 
 
+def random_windows(streams: torch.Tensor, bptt: int, count: int, seed: int = 0):
+    """``count`` (input, target) windows at random offsets of the streams, the same for every
+    model (fine-tuning data drawn from the whole training text, not one stretch of it)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, streams.shape[1] - bptt - 1, (count,), generator=gen)
+    return [(streams[:, i : i + bptt], streams[:, i + 1 : i + bptt + 1]) for i in starts.tolist()]
+
+
 def lm_loss(out, batch):
     logits = out[0] if isinstance(out, tuple) else out
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -110,9 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--emb", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=200)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--train-steps", type=int, default=800)
+    ap.add_argument("--train-steps", type=int, default=3500)
     ap.add_argument("--finetune-steps", type=int, default=50)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 48, 96])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--bptt", type=int, default=35)
     ap.add_argument("--eval-tokens", type=int, default=12000,
@@ -121,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "compress_lstm"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.train_steps, args.finetune_steps, args.ranks = 30, 5, [16]
+        args.train_steps, args.finetune_steps, args.ranks = 30, 5, [4]
         args.eval_tokens, args.hidden, args.emb = 2000, 64, 64
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,8 +144,7 @@ def main(argv=None) -> int:
 
     model = LSTMLM(vocab, args.emb, args.hidden, args.layers, dropout=0.2)
     train(model, train_streams, args.bptt, args.train_steps, lr=2e-3)
-    ft_data = list(windows(train_streams[:, -args.bptt * (args.finetune_steps + 1):],
-                           args.bptt))
+    ft_data = random_windows(train_streams, args.bptt, args.finetune_steps)
 
     def tune(m):
         finetune(m, ft_data, lm_loss, steps=args.finetune_steps, lr=5e-4,
@@ -200,7 +207,9 @@ def to_markdown(res: dict) -> str:
         f"{res['params']:,} parameters, {res['lstm_matrix_params']:,} in LSTM matrices) trained "
         f"{res['train_steps']} steps (batch {res['batch']}, BPTT {res['bptt']}) on "
         f"{res['train_tokens']:,} Shakespeare tokens; test perplexity on "
-        f"{res['eval_tokens']:,} test tokens; fine-tuning: {res['finetune_steps']} Adam steps.",
+        f"{res['eval_tokens']:,} test tokens; fine-tuning: {res['finetune_steps']} Adam steps "
+        "(lr 5e-4) on BPTT windows at random offsets of the training streams, the same for "
+        "every model.",
         "",
         "| matrices | method | rank | params | LSTM matrix params | test ppl | "
         "ppl after fine-tuning |",
