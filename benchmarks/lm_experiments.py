@@ -246,8 +246,7 @@ def main(argv=None) -> int:
             "baselines": baselines, "results": results,
             "settings": {k: getattr(args, k) for k in ("states", "rank_divisors", "band",
                          "hidden", "init_scale", "max_steps", "batch_size", "max_tokens", "lr",
-                         "seed",
-                         "timing_reps", "threads")},
+                         "seed", "timing_reps", "threads")},
             "command": "python benchmarks/lm_experiments.py " + " ".join(argv or sys.argv[1:]),
         })  # fmt: skip
         atomic_write_json(args.json, store)
