@@ -389,3 +389,27 @@ def test_orthogonal_random_features(gen):
         lorank.orthogonal_random_features(4, 0)
     with pytest.raises(ValueError, match="dim must be a positive integer"):
         lorank.orthogonal_random_features(-1, 2)
+
+
+def _row_factors(z: int = 7):
+    g = torch.Generator().manual_seed(3)
+    dense = lorank.Dense(torch.randn(z, z, generator=g, dtype=torch.float64))
+    low = lorank.LowRank(*torch.randn(2, z, 3, generator=g, dtype=torch.float64))
+    band = lorank.Banded(torch.randn(z, 5, generator=g, dtype=torch.float64), 2)
+    return {"dense": dense, "lowrank": low, "banded": band, "sum": low + band}
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "banded", "sum"])
+def test_log_prob_rows_match_dense_rows(kind):
+    f = _row_factors()[kind]
+    i = torch.tensor([0, 3, 6, 3])
+    rows = f.log_prob_rows(i)
+    assert rows.shape == (4, 7)
+    torch.testing.assert_close(rows, f.log_probs()[i])
+    torch.testing.assert_close(rows.exp().sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_log_prob_rows_refuses_batched_factor():
+    f = lorank.Dense(torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match="unbatched"):
+        f.log_prob_rows(torch.tensor([0]))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from lorank._checks import check_positive_int, check_tensor
+from lorank._numerics import finite_or_zero
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -47,9 +48,6 @@ def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     batch = torch.arange(m.shape[0], device=m.device)
     return m[batch, i]
 
-
-def _fix_inf(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 class Factor:
@@ -81,6 +79,10 @@ class Factor:
     def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _log_unnorm_rows(self, i: torch.Tensor) -> torch.Tensor:
+        """Rows ``phi[i, :]`` (n, Z) of an unbatched factor; subclasses avoid building Z x Z."""
+        return self._log_unnorm_dense()[i]
+
     # ---- shared API ---------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
@@ -92,11 +94,11 @@ class Factor:
 
     def prob_operator(self) -> Operator:
         """A function ``x -> x @ P`` with everything independent of ``x`` computed once."""
-        return self._prob_operator(_fix_inf(self.log_normalizer()))
+        return self._prob_operator(finite_or_zero(self.log_normalizer()))
 
     def log_operator(self) -> Operator:
         """A function ``lx -> log(exp(lx) @ P)`` with the factor's tensors prepared once."""
-        return self._log_operator(_fix_inf(self.log_normalizer()))
+        return self._log_operator(finite_or_zero(self.log_normalizer()))
 
     def prob_matrices(self) -> list[torch.Tensor] | None:
         """``[M_1, ..., M_k]`` with ``P = M_1 @ ... @ M_k`` (Dense: ``[P]``, LowRank:
@@ -113,7 +115,7 @@ class Factor:
 
     def log_probs(self) -> torch.Tensor:
         """The dense normalized ``log P``: (*batch, Z, Z). Materializes Z x Z."""
-        return self._log_unnorm_dense() - _fix_inf(self.log_normalizer()).unsqueeze(-1)
+        return self._log_unnorm_dense() - finite_or_zero(self.log_normalizer()).unsqueeze(-1)
 
     def to_dense(self) -> torch.Tensor:
         """The dense transition matrix ``P``: (*batch, Z, Z). Materializes Z x Z."""
@@ -122,12 +124,24 @@ class Factor:
     def log_prob_entries(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """``log P[i, j]`` elementwise for index tensors of shape (..., B) (or any shape if
         the factor is unbatched)."""
-        ln = _fix_inf(self.log_normalizer())  # an all -inf row (a dead end) stays -inf, not NaN
+        # an all -inf row (a dead end) stays -inf, not NaN
+        ln = finite_or_zero(self.log_normalizer())
         return self._log_unnorm_entries(i, j) - _rows(ln.unsqueeze(-1), i).squeeze(-1)
+
+    def log_prob_rows(self, i: torch.Tensor) -> torch.Tensor:
+        """Rows ``log P[i, :]`` (n, Z) of an unbatched factor for state indices i (n,), without
+        building Z x Z (O(n Z R) for LowRank)."""
+        if len(self.batch_shape):
+            raise ValueError(
+                "log_prob_rows needs an unbatched factor, got batch shape "
+                f"{tuple(self.batch_shape)}"
+            )
+        ln = finite_or_zero(self.log_normalizer())
+        return self._log_unnorm_rows(i) - ln[i].unsqueeze(-1)
 
     def log_prob_columns(self, j: torch.Tensor) -> torch.Tensor:
         """Columns ``log P[:, j]``: (..., Z) for index tensor j of shape (...)."""
-        return self._log_unnorm_columns(j) - _fix_inf(self.log_normalizer())
+        return self._log_unnorm_columns(j) - finite_or_zero(self.log_normalizer())
 
     def __add__(self, other: Factor) -> Factor:
         if not isinstance(other, Factor):
@@ -175,6 +189,9 @@ class Dense(Factor):
 
     def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
         return _rows(self.logits.transpose(-1, -2), j)
+
+    def _log_unnorm_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return self.logits[i]
 
     def __repr__(self) -> str:
         return f"Dense(num_states={self.num_states}, batch_shape={tuple(self.batch_shape)})"
@@ -240,7 +257,7 @@ class LowRank(Factor):
         if log_norm is None:
             log_norm = safe_logsumexp(self.left + s.unsqueeze(-2), dim=-1)
         a = (self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)).exp()
-        c = (self.right - _fix_inf(s).unsqueeze(-2)).exp()
+        c = (self.right - finite_or_zero(s).unsqueeze(-2)).exp()
         return a, c
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
@@ -255,7 +272,7 @@ class LowRank(Factor):
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         s = self._column_lse()
         la = self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)
-        lct = (self.right - _fix_inf(s).unsqueeze(-2)).transpose(-1, -2)
+        lct = (self.right - finite_or_zero(s).unsqueeze(-2)).transpose(-1, -2)
         return lambda lx: _log_bmv(_log_bmv(lx, la), lct)
 
     def _shifted(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +281,7 @@ class LowRank(Factor):
         underflow (with raw ``left @ right^T``, float32 features of +-50 gave rows of P
         summing to 1.017)."""
         s = self._column_lse().unsqueeze(-2)
-        return self.left + s, self.right - _fix_inf(s)
+        return self.left + s, self.right - finite_or_zero(s)
 
     def _log_unnorm_dense(self) -> torch.Tensor:
         la, lc = self._shifted()
@@ -277,6 +294,10 @@ class LowRank(Factor):
         la, lc = self._shifted()
         rj = _rows(lc, j)  # (..., R) or (..., B, R)
         return log_matmul(rj.unsqueeze(-2), la.transpose(-1, -2)).squeeze(-2)
+
+    def _log_unnorm_rows(self, i: torch.Tensor) -> torch.Tensor:
+        la, lc = self._shifted()
+        return log_matmul(la[i], lc.transpose(-1, -2))
 
     def __repr__(self) -> str:
         return (
@@ -363,6 +384,13 @@ class Banded(Factor):
             vals = self._masked[b, i, kc]
         return torch.where(ok, vals, torch.full_like(vals, -math.inf))
 
+    def _log_unnorm_rows(self, i: torch.Tensor) -> torch.Tensor:
+        z, w = self.num_states, self.width
+        out = self._masked.new_full((i.shape[0], z + 2 * w), -math.inf)
+        cols = i.unsqueeze(-1) + torch.arange(2 * w + 1, device=i.device)
+        out = out.scatter(1, cols, self._masked[i])
+        return out[:, w : w + z]
+
     def __repr__(self) -> str:
         return f"Banded(num_states={self.num_states}, width={self.width})"
 
@@ -421,6 +449,9 @@ class Sum(Factor):
 
     def _log_unnorm_columns(self, j: torch.Tensor) -> torch.Tensor:
         return self._combine([p._log_unnorm_columns(j) for p in self.parts])
+
+    def _log_unnorm_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return self._combine([p._log_unnorm_rows(i) for p in self.parts])
 
     def __repr__(self) -> str:
         return " + ".join(repr(p) for p in self.parts)

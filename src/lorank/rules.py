@@ -26,14 +26,12 @@ from collections.abc import Callable
 import torch
 
 from lorank._checks import check_tensor
+from lorank._numerics import finite_or_zero
 from lorank.semiring import safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 BLOCKS = ("NN", "NP", "PN", "PP")
 
-
-def _fix_inf(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def _batched_rows(x: torch.Tensor, idx: torch.Tensor, nbatch: int) -> torch.Tensor:
@@ -113,7 +111,7 @@ class DenseRules(Rules):
 
     def log_probs(self) -> torch.Tensor:
         flat = self.logits.flatten(-2)
-        lse = _fix_inf(safe_logsumexp(flat, -1, keepdim=True))
+        lse = finite_or_zero(safe_logsumexp(flat, -1, keepdim=True))
         return (flat - lse).view_as(self.logits)
 
     def log_prob_entries(self, a, b, c):
@@ -170,9 +168,9 @@ class LowRankRules(Rules):
 
     def _normalized(self):
         s = safe_logsumexp(self.children.flatten(-3, -2), -2)  # (*batch, R)
-        lnorm = _fix_inf(safe_logsumexp(self.head + s.unsqueeze(-2), -1))  # (*batch, m)
+        lnorm = finite_or_zero(safe_logsumexp(self.head + s.unsqueeze(-2), -1))  # (*batch, m)
         lu = self.head + s.unsqueeze(-2) - lnorm.unsqueeze(-1)
-        lv = self.children - _fix_inf(s)[..., None, None, :]
+        lv = self.children - finite_or_zero(s)[..., None, None, :]
         return lu, lv
 
     def log_probs(self) -> torch.Tensor:
@@ -241,9 +239,10 @@ class CPRules(Rules):
         ``T[A, B, C] = sum_r H[A, r] L[B, r] R[C, r]``."""
         sl = safe_logsumexp(self.left, -2)  # (*batch, R)
         sr = safe_logsumexp(self.right, -2)
-        lnorm = _fix_inf(safe_logsumexp(self.head + (sl + sr).unsqueeze(-2), -1))
+        lnorm = finite_or_zero(safe_logsumexp(self.head + (sl + sr).unsqueeze(-2), -1))
         lh = self.head + (sl + sr).unsqueeze(-2) - lnorm.unsqueeze(-1)
-        return lh, self.left - _fix_inf(sl).unsqueeze(-2), self.right - _fix_inf(sr).unsqueeze(-2)
+        sl, sr = finite_or_zero(sl).unsqueeze(-2), finite_or_zero(sr).unsqueeze(-2)
+        return lh, self.left - sl, self.right - sr
 
     def log_probs(self) -> torch.Tensor:
         lh, ll, lr = self.log_factors()

@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import torch
 
+from lorank._numerics import safe_log, stable_shift
+
 NEG_INF = float("-inf")
-
-
-def _safe_log(s: torch.Tensor) -> torch.Tensor:
-    """``log s`` for ``s >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) gradient there."""
-    pos = s > 0
-    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).log(), NEG_INF)
 
 
 def safe_logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     """``logsumexp`` that returns ``-inf`` (not NaN) on all ``-inf`` slices, with finite grads."""
-    m = x.amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    out = _safe_log((x - m).exp().sum(dim=dim, keepdim=True)) + m
+    m = stable_shift(x, dim)
+    out = safe_log((x - m).exp().sum(dim=dim, keepdim=True)) + m
     return out if keepdim else out.squeeze(dim)
 
 
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) @ exp(b))`` by max-shifted GEMM: a (..., n, k), b (..., k, m)."""
-    am = a.amax(dim=-1, keepdim=True)
-    am = torch.where(torch.isfinite(am), am, torch.zeros_like(am)).detach()
-    bm = b.amax(dim=-2, keepdim=True)
-    bm = torch.where(torch.isfinite(bm), bm, torch.zeros_like(bm)).detach()
-    prod = torch.matmul((a - am).exp(), (b - bm).exp())
-    return _safe_log(prod) + am + bm
+    am, bm = stable_shift(a, -1), stable_shift(b, -2)
+    return safe_log(torch.matmul((a - am).exp(), (b - bm).exp())) + am + bm
 
 
 class Semiring:

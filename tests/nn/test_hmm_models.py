@@ -9,7 +9,7 @@ import torch
 from brute import brute_hmm, reference_log_potentials
 
 import lorank
-from lorank.nn.hmm import MODELS, HMMLanguageModel, NeuralHMM, transition_log_rows
+from lorank.nn.hmm import MODELS, HMMLanguageModel, NeuralHMM
 
 F64 = torch.float64
 V = 11
@@ -103,15 +103,6 @@ def test_feature_dropout_keeps_a_subset_of_rank_features():
     with torch.no_grad():
         prev = model.prev_mlp(model.state_emb)
         torch.testing.assert_close(f.left, prev @ model.projection[:, feats])
-
-
-@pytest.mark.parametrize("name", ["hmm", "lhmm", "lhmm_band"])
-def test_transition_rows(name):
-    model = _model(name, z=7, rank=3).eval()
-    with torch.no_grad():
-        f = model.transition()
-        i = torch.tensor([0, 3, 6, 3])
-        torch.testing.assert_close(transition_log_rows(f, i), f.log_probs()[i])
 
 
 def test_generate_ends_with_eos():

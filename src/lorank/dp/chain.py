@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from lorank._numerics import gumbel_argmax
 from lorank.factors import Factor, LowRank, _bmv
 from lorank.semiring import LogSemiring, Semiring
 
@@ -337,12 +338,6 @@ def forward_log_messages(
     return torch.stack(out, 1)
 
 
-def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
-    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-    return (logits + g).argmax(-1)
-
-
 def sample(
     init_logp: torch.Tensor,
     factor: Factor,
@@ -357,7 +352,7 @@ def sample(
     la = forward_log_messages(init_logp, factor, emission)
     batch = torch.arange(b, device=emission.device)
     last = la[batch, lengths - 1].expand(num_samples, b, z)
-    nxt = _gumbel_argmax(last, generator)
+    nxt = gumbel_argmax(last, generator)
     out = emission.new_full((num_samples, b, t_len), PAD, dtype=torch.long)
     out[:, batch, lengths - 1] = nxt
     for t in range(t_len - 2, -1, -1):
@@ -365,7 +360,7 @@ def sample(
         if not bool(active.any()):
             continue
         logits = la[:, t].unsqueeze(0) + factor.log_prob_columns(nxt)
-        cur = _gumbel_argmax(logits, generator)
+        cur = gumbel_argmax(logits, generator)
         nxt = torch.where(active, cur, nxt)
         out[:, :, t] = torch.where(active, cur, out[:, :, t])
     return out

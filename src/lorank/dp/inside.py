@@ -21,28 +21,11 @@ import math
 
 import torch
 
+from lorank._numerics import gumbel_noise, safe_log, stable_shift
 from lorank.rules import Rules
-from lorank.semiring import safe_logsumexp
+from lorank.semiring import log_matmul, safe_logsumexp
 
 NEG_INF = -math.inf
-
-
-def _safe_log(x: torch.Tensor) -> torch.Tensor:
-    """``log x`` with a true -inf (and a zero gradient, not NaN) where ``x == 0``."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(),
-                       torch.full_like(x, NEG_INF))
-
-
-def _shift(x: torch.Tensor, dim) -> torch.Tensor:
-    m = x.amax(dim=dim, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-
-
-def log_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``log(exp(a) @ exp(b))`` by max-shifted GEMM, -inf (never NaN) for empty sums."""
-    am, bm = _shift(a, -1), _shift(b, -2)
-    return _safe_log(torch.matmul((a - am).exp(), (b - bm).exp())) + am + bm
 
 
 def _outer(left: torch.Tensor, right: torch.Tensor):
@@ -50,9 +33,9 @@ def _outer(left: torch.Tensor, right: torch.Tensor):
 
     left (B, n, K, Sb), right (B, n, K, Sc) log -> X (B, n, Sb, Sc) in [0, K], M (B, n, 1).
     One batched GEMM over the split dimension K."""
-    lm, rm = _shift(left, -1), _shift(right, -1)
+    lm, rm = stable_shift(left, -1), stable_shift(right, -1)
     tot = lm + rm  # (B, n, K, 1)
-    big = _shift(tot, -2)  # (B, n, 1, 1)
+    big = stable_shift(tot, -2)  # (B, n, 1, 1)
     pl = (left - lm).exp() * (tot - big).exp()
     pr = (right - rm).exp()
     return pl.transpose(-1, -2) @ pr, big.squeeze(-1)
@@ -128,7 +111,7 @@ def inside_children(
         vals = []
         for blk, left, right in parts:
             x, shift = _outer(left, right)
-            vals.append(_safe_log(ops[blk](x)) + shift)
+            vals.append(safe_log(ops[blk](x)) + shift)
         beta = vals[0] if len(vals) == 1 else safe_logsumexp(torch.stack(vals), 0)
         if label_pot is not None:
             beta = beta + label_pot[:, :nw, w]
@@ -161,13 +144,13 @@ def inside_cp(
     lht = lh.transpose(-1, -2)  # (R, m)
     lproj = term.new_full((b, n, n + 1, r), NEG_INF)  # (start, width)
     rproj = term.new_full((b, n + 1, n + 1, r), NEG_INF)  # (end, width)
-    lproj[:, :, 1] = log_mm(term, ll_p)
-    rproj[:, 1:, 1] = log_mm(term, lr_p)
+    lproj[:, :, 1] = log_matmul(term, ll_p)
+    rproj[:, 1:, 1] = log_matmul(term, lr_p)
     # rank vectors (rank space) or inside vectors (CP) of the spans [0, w)
     top = term.new_full((b, n + 1, r if rank_space else m), NEG_INF)
     chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
     if rank_space:
-        to_l, to_r = log_mm(lht, ll_n), log_mm(lht, lr_n)  # (R, R)
+        to_l, to_r = log_matmul(lht, ll_n), log_matmul(lht, lr_n)  # (R, R)
     for w in range(2, n + 1):
         nw = n - w + 1
         left = lproj[:, :nw, 1:w].clone()
@@ -177,12 +160,12 @@ def inside_cp(
             s = s + span_pot[:, :nw, w].unsqueeze(-1)
         if rank_space:
             vec = s
-            lp, rp = log_mm(s, to_l), log_mm(s, to_r)
+            lp, rp = log_matmul(s, to_l), log_matmul(s, to_r)
         else:
-            vec = log_mm(s, lht)  # beta (B, nw, m)
+            vec = log_matmul(s, lht)  # beta (B, nw, m)
             if label_pot is not None:
                 vec = vec + label_pot[:, :nw, w]
-            lp, rp = log_mm(vec, ll_n), log_mm(vec, lr_n)
+            lp, rp = log_matmul(vec, ll_n), log_matmul(vec, lr_n)
             if chart is not None:
                 chart[:, :nw, w] = vec
         lproj[:, :nw, w] = lp
@@ -192,7 +175,7 @@ def inside_cp(
     root_n = root_logp[:, :m]
     if rank_space:
         # sum_A root[A] beta[A] = sum_r s[r] (root^T H)[r]
-        top_nt = log_mm(root_n.unsqueeze(-2), lh).squeeze(-2) + top  # (B, R)
+        top_nt = log_matmul(root_n.unsqueeze(-2), lh).squeeze(-2) + top  # (B, R)
         top_nt = safe_logsumexp(top_nt, -1, keepdim=True)
         logz = _root(torch.cat([torch.zeros_like(top_nt), root_logp[:, m:]], -1), top_nt,
                      term, lengths)
@@ -252,11 +235,6 @@ def max_chart(
     return chart
 
 
-def _gumbel(shape, like, generator):
-    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-
-
 def decode(
     chart: torch.Tensor,
     log_rules: torch.Tensor,
@@ -287,7 +265,7 @@ def decode(
 
     def pick(logits):
         if sample:
-            logits = logits + _gumbel(logits.shape, logits, generator)
+            logits = logits + gumbel_noise(logits.shape, generator, logits.dtype, logits.device)
         return logits.argmax(-1)
 
     top = chart[bidx, 0, lens] + root_logp[bidx]

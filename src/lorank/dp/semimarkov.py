@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorank._numerics import gumbel_argmax
 from lorank.factors import Factor
 from lorank.semiring import LogSemiring, Semiring, safe_logsumexp
 
@@ -153,12 +154,6 @@ def semiring_forward(
 # ---- decoding: Viterbi and forward-filtering backward-sampling share one backtrack ----------
 
 
-def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
-    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-    return (logits + g).argmax(-1)
-
-
 def backtrack(
     start: torch.Tensor,
     alpha: torch.Tensor,
@@ -245,7 +240,7 @@ def sample(
         seg,
         lengths,
         factor.log_prob_columns,
-        lambda x: _gumbel_argmax(x, generator),
+        lambda x: gumbel_argmax(x, generator),
         num=num_samples,
     )
 

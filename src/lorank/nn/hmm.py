@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorank._numerics import gumbel_argmax
 from lorank.distributions.hmm import HMM, RankSpaceHMM
-from lorank.factors import Banded, Dense, Factor, LowRank, Sum, orthogonal_random_features
+from lorank.factors import Banded, Dense, Factor, LowRank, orthogonal_random_features
 from lorank.nn.emissions import EmissionHead, SoftmaxEmission, residual_mlp
-from lorank.semiring import log_matmul, safe_logsumexp
 
 MODELS = ("hmm", "lhmm", "lhmm_band", "rank_space")
 _ALIASES = {"dense": "hmm", "softmax": "hmm", "lhmm+band": "lhmm_band", "band": "lhmm_band",
@@ -251,12 +251,12 @@ class NeuralHMM(nn.Module):
         emb = self.state_emb
         init = self.init_logits().log_softmax(-1).float().cpu()
         trans = self.transition(emb)
-        z = _gumbel_argmax(init.expand(num, -1), generator)
+        z = gumbel_argmax(init.expand(num, -1), generator)
         paths, obs = [], []
         for t in range(length):
             if t > 0:
-                rows = transition_log_rows(trans, z.to(emb.device)).float().cpu()
-                z = _gumbel_argmax(rows, generator)
+                rows = trans.log_prob_rows(z.to(emb.device)).float().cpu()
+                z = gumbel_argmax(rows, generator)
             paths.append(z)
             obs.append(self.emission.sample(emb[z.to(emb.device)], generator))
         return torch.stack(paths, 1), obs
@@ -270,37 +270,6 @@ class NeuralHMM(nn.Module):
             f"band={self.band}, state_dropout={self.state_dropout}, "
             f"feature_dropout={self.feature_dropout}"
         )
-
-
-def _gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype)
-    return (logits - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))).argmax(-1)
-
-
-def _log_unnorm_rows(factor: Factor, i: torch.Tensor) -> torch.Tensor:
-    """Unnormalized log-potentials ``phi[i, :]`` (n, Z) of an unbatched factor, without
-    building Z x Z (O(n Z R) for LowRank)."""
-    if isinstance(factor, Dense):
-        return factor.logits[i]
-    if isinstance(factor, LowRank):
-        la, lc = factor._shifted()
-        return log_matmul(la[i], lc.T)
-    if isinstance(factor, Banded):
-        z, w = factor.num_states, factor.width
-        out = factor._masked.new_full((i.shape[0], z + 2 * w), -math.inf)
-        cols = i.unsqueeze(-1) + torch.arange(2 * w + 1, device=i.device)
-        out.scatter_(1, cols, factor._masked[i])
-        return out[:, w : w + z]
-    if isinstance(factor, Sum):
-        return safe_logsumexp(torch.stack([_log_unnorm_rows(p, i) for p in factor.parts]), 0)
-    return factor.log_probs()[i] + factor.log_normalizer()[i].unsqueeze(-1)
-
-
-def transition_log_rows(factor: Factor, i: torch.Tensor) -> torch.Tensor:
-    """Rows ``log P[i, :]`` (n, Z) of an unbatched factor for state indices i (n,)."""
-    if len(factor.batch_shape):
-        raise ValueError("transition_log_rows needs an unbatched factor")
-    return _log_unnorm_rows(factor, i) - factor.log_normalizer()[i].unsqueeze(-1)
 
 
 class HMMLanguageModel(NeuralHMM):
@@ -386,5 +355,4 @@ __all__ = [
     "HMMLanguageModel",
     "canonical_model",
     "default_rank",
-    "transition_log_rows",
 ]
