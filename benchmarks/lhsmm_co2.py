@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorank.data.series import co2_splits
-from lorank.nn.hsmm import LHSMM
+from lorank.nn.hsmm import LHSMM, HSMMConfig
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     try:
         data = co2_splits(104, 26, valid_fraction=0.0, test_fraction=0.2, path=args.csv,
-                          eval_remainder=False)  # fmt: skip
+                          eval_remainder=False)
     except ModuleNotFoundError as err:
         raise SystemExit(f"{err} (or --csv PATH)") from None
     train, test = data.windows["train"], data.windows["test"]
@@ -50,8 +50,9 @@ def main(argv=None) -> int:
           f"test windows {tuple(test.shape)}")
     results = {}
     for name, dense in (("lhsmm", False), ("dense_hsmm", True)):
-        model = LHSMM(args.states, 1, rank=args.rank, max_duration=args.max_duration,
-                      dense=dense, init_data=train, seed=0)
+        config = HSMMConfig(model="hsmm" if dense else "lhsmm", num_states=args.states,
+                            rank=None if dense else args.rank, max_duration=args.max_duration)
+        model = LHSMM(config, init_data=train, seed=0)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         t0 = time.perf_counter()
         for epoch in range(args.epochs):

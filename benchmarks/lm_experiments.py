@@ -33,7 +33,9 @@ import torch
 from _common import best_time, machine_description
 
 from lorank._io import atomic_write_bytes, atomic_write_json
-from lorank.train import LMTask, TrainConfig, Trainer
+from lorank.nn.hmm import HMMLMConfig
+from lorank.tasks import LMTask, TextDataConfig
+from lorank.train import TrainConfig, Trainer
 from lorank.train.distributed import DistContext
 from lorank.train.metrics import markdown_table
 
@@ -66,7 +68,7 @@ def step_speed(task: LMTask, cfg: TrainConfig, reps: int) -> float:
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     batches = list(task.batches("train", batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-                                shuffle=True, seed=12345))  # fmt: skip
+                                shuffle=True, seed=12345))
     # three batches of typical shape: the quartiles of the length-sorted batch list
     by_len = sorted(batches, key=lambda b: b[0].shape[1])
     chosen = [by_len[len(by_len) * q // 4] for q in (1, 2, 3)]
@@ -83,14 +85,11 @@ def step_speed(task: LMTask, cfg: TrainConfig, reps: int) -> float:
 
 
 def run_one(corpus, name: str, rank: int | None, args) -> dict:
-    model_cfg = {"model": name, "num_states": args.states, "rank": rank,
-                 "band": args.band if name == "lhmm_band" else None, "hidden": args.hidden,
-                 "mlp_layers": 2, "state_dropout": 0.0, "feature_dropout": 0.0,
-                 "memory_light": False, "init_scale": args.init_scale}  # fmt: skip
-    LMTask.check_model_config(model_cfg)
-    task = LMTask({"corpus": args.corpus, "vocab_size": args.vocab_size, "max_length": None},
-                  model_cfg)  # fmt: skip
-    task.corpus = corpus
+    model_cfg = HMMLMConfig(model=name, num_states=args.states, rank=rank,
+                            band=args.band if name == "lhmm_band" else None, hidden=args.hidden,
+                            init_scale=args.init_scale)
+    task = LMTask(TextDataConfig(corpus=args.corpus, vocab_size=args.vocab_size), model_cfg)
+    task.use_corpus(corpus)
     cfg = TrainConfig(
         out=str(Path(args.out) / key_of(name, rank)),
         epochs=1000,
@@ -110,12 +109,12 @@ def run_one(corpus, name: str, rank: int | None, args) -> dict:
     with contextlib.redirect_stdout(log):
         m = Trainer(task, cfg, DistContext.from_env(args.device)).fit()
     wall = time.perf_counter() - t0
-    rec = {k: m.get(k) for k in ("model", "states", "rank", "band", "params", "val_ppl",
+    rec = {k: m.get(k) for k in ("model", "num_states", "rank", "band", "params", "val_ppl",
                                  "test_ppl", "tokens_per_s", "steps", "epochs",
-                                 "train_seconds", "eval_seconds", "device")}  # fmt: skip
+                                 "train_seconds", "eval_seconds", "device")}
     rec.update({"step_tokens_per_s": speed, "wall_seconds": wall,
                 "history": [{k: h[k] for k in ("step", "val_ppl", "train_ppl")}
-                            for h in m["history"]]})  # fmt: skip
+                            for h in m["history"]]})
     return rec
 
 
@@ -130,7 +129,7 @@ def plot(results: dict, baselines: dict, args, path: Path) -> bool:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"lhmm": ("o-", "LHMM"), "lhmm_band": ("s-", f"LHMM + band ({args.band})"),
-              "rank_space": ("^-", "rank-space HMM")}  # fmt: skip
+              "rank_space": ("^-", "rank-space HMM")}
     for name, (style, label) in styles.items():
         rows = sorted((r for r in results.values() if r["model"] == name), key=lambda r: r["rank"])
         if not rows:
@@ -162,16 +161,17 @@ def results_table(results: dict, baselines: dict) -> str:
     rows = []
     for b, v in baselines.items():
         rows.append([f"{b} (add-k {v['k']:g})", None, None, None, v["val_ppl"], v["test_ppl"],
-                     None, None, None])  # fmt: skip
+                     None, None, None])
     order = {"hmm": 0, "lhmm": 1, "lhmm_band": 2, "rank_space": 3}
     dense = results.get("hmm")
     for r in sorted(results.values(), key=lambda r: (order[r["model"]], -(r["rank"] or 1e9))):
         rel = (r["step_tokens_per_s"] / dense["step_tokens_per_s"]) if dense else None
-        rows.append([r["model"], r["states"], r["rank"], r["params"], r["val_ppl"], r["test_ppl"],
+        rows.append([r["model"], r["num_states"], r["rank"], r["params"], r["val_ppl"],
+                     r["test_ppl"],
                      round(r["step_tokens_per_s"]), None if rel is None else f"{rel:.2f}x",
-                     round(r["tokens_per_s"])])  # fmt: skip
+                     round(r["tokens_per_s"])])
     header = ["model", "Z", "R", "params", "val ppl", "test ppl", "step tokens/s",
-              "speed vs dense", "run tokens/s"]  # fmt: skip
+              "speed vs dense", "run tokens/s"]
     table = markdown_table(header, rows)
     return table
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["hmm", "lhmm", "lhmm_band", "rank_space"])
     ap.add_argument("--rank-space-max-rank", type=int, default=None,
                     help="skip rank-space models above this rank (default Z/16: building the "
-                         "R x R step matrices costs O(Z R^2) per token)")  # fmt: skip
+                         "R x R step matrices costs O(Z R^2) per token)")
     ap.add_argument("--band", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--init-scale", type=float, default=3.0,
@@ -220,8 +220,9 @@ def main(argv=None) -> int:
     from lorank.data import load_corpus
 
     corpus = load_corpus(args.corpus, args.vocab_size)
-    probe = LMTask({"corpus": args.corpus}, {"model": "hmm", "num_states": 1})
-    probe.corpus = corpus
+    probe = LMTask(TextDataConfig(corpus=args.corpus, vocab_size=args.vocab_size),
+                   HMMLMConfig(model="hmm", num_states=1))
+    probe.use_corpus(corpus)
     baselines = probe.baselines()
     store = {"results": {}}
     if args.resume and Path(args.json).exists():
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         results[key] = rec
         print(f"  val ppl {rec['val_ppl']:.1f}, test ppl {rec['test_ppl']:.1f}, step tokens/s "
               f"{rec['step_tokens_per_s']:,.0f}, run tokens/s {rec['tokens_per_s']:,.0f}, "
-              f"{rec['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+              f"{rec['wall_seconds']:.0f} s", flush=True)
         store.update({
             "machine": machine_description(), "device": rec["device"], "corpus": args.corpus,
             "vocab_size": len(corpus.vocab), "train_tokens": int(corpus.train.numel()),
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
                          "hidden", "init_scale", "max_steps", "batch_size", "max_tokens", "lr",
                          "seed", "timing_reps", "threads")},
             "command": "python benchmarks/lm_experiments.py " + " ".join(argv or sys.argv[1:]),
-        })  # fmt: skip
+        })
         atomic_write_json(args.json, store)
     print(f"sweep: {time.perf_counter() - t_all:.0f} s")
     plot_ok = plot(results, baselines, args, Path(args.plot))

@@ -34,8 +34,9 @@ import torch
 from _common import machine_description
 
 from lorank._io import atomic_write_bytes, atomic_write_json
+from lorank.nn.hmm import MusicHMMConfig
+from lorank.tasks.music import MusicDataConfig, MusicTask
 from lorank.train.metrics import markdown_table
-from lorank.train.music_task import MusicTask
 from lorank.train.trainer import TrainConfig, Trainer
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +69,7 @@ def timed_epoch_seconds(task: MusicTask, model: torch.nn.Module, args) -> float:
     per batch; every ``--timing-stride``-th batch, scaled up to the epoch's time steps)."""
     model.train()
     batches = list(task.batches("train", batch_size=args.batch_size,
-                                max_tokens=args.max_steps_per_batch))  # fmt: skip
+                                max_tokens=args.max_steps_per_batch))
     picked = batches[:: args.timing_stride]
     seconds = 0.0
     for batch in picked:
@@ -85,22 +86,11 @@ def timed_epoch_seconds(task: MusicTask, model: torch.nn.Module, args) -> float:
 
 def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
     """Train one model; return its row (metrics of the best validation checkpoint)."""
-    model_config = {
-        "model": spec["model"],
-        "num_states": args.states,
-        "rank": spec["rank"],
-        "band": None,
-        "hidden": args.hidden,
-        "mlp_layers": args.mlp_layers,
-        "emission_layers": args.emission_layers,
-        "state_dropout": args.state_dropout,
-        "feature_dropout": 0.0,
-        "memory_light": False,
-        "init_scale": 1.0,  # the music task's default (the LM task uses 3)
-    }
-    MusicTask.check_model_config(model_config)
-    task = MusicTask({"corpus": corpus, "grid": None, "max_pieces": args.max_pieces,
-                      "transpose": True}, model_config)  # fmt: skip
+    model_config = MusicHMMConfig(
+        model=spec["model"], num_states=args.states, rank=spec["rank"], hidden=args.hidden,
+        mlp_layers=args.mlp_layers, emission_layers=args.emission_layers,
+        state_dropout=args.state_dropout)
+    task = MusicTask(MusicDataConfig(corpus=corpus, max_pieces=args.max_pieces), model_config)
     cfg = TrainConfig(
         out=os.path.join(args.runs, corpus, spec["name"]),
         epochs=epochs,
@@ -127,14 +117,14 @@ def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
         "corpus": corpus,
         "name": spec["name"],
         "model": m["model"],
-        "states": m["states"],
+        "states": m["num_states"],
         "rank": m["rank"],
         "params": m["params"],
         "epochs": m["epochs"],
         "val_nll_per_step": m["val_nll_per_step"],
         "test_nll_per_step": m.get("test_nll_per_step"),
         "best_epoch": next((h["epoch"] for h in m["history"] if h["step"] == m["best_step"]),
-                           None),  # fmt: skip
+                           None),
         "train_seconds": m["train_seconds"],
         "wall_seconds_per_epoch": m["train_seconds"] / max(m["epochs"], 1e-9),
         "seconds_per_epoch": epoch_s,
@@ -142,26 +132,26 @@ def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
         "wall_seconds": wall,
         "history": [{"epoch": h["epoch"], "val_nll_per_step": h["val_nll_per_step"],
                      "train_nll_per_step": h["train_nll_per_step"]}
-                    for h in m["history"]],  # fmt: skip
+                    for h in m["history"]],
         "baseline": m["baselines"]["independent_keys"],
         "pieces": m["pieces"],
     }
     print(f"{corpus} {spec['name']}: val {row['val_nll_per_step']:.3f}, test "
           f"{row['test_nll_per_step']:.3f} nats/step; {row['seconds_per_epoch']:.2f} CPU s/epoch, "
-          f"{row['steps_per_s']:,.0f} steps/s", flush=True)  # fmt: skip
+          f"{row['steps_per_s']:,.0f} steps/s", flush=True)
     return row
 
 
 def table(rows: list[dict]) -> str:
     """The results as a markdown table (baseline first, then the models, per corpus)."""
     header = ["corpus", "model", "states", "rank", "params", "epochs (best)", "val NLL/step",
-              "test NLL/step", "CPU s/epoch", "wall s/epoch"]  # fmt: skip
+              "test NLL/step", "CPU s/epoch", "wall s/epoch"]
     body = []
     for corpus in dict.fromkeys(r["corpus"] for r in rows):
         base = next(r["baseline"] for r in rows if r["corpus"] == corpus)
         body.append([corpus, f"independent keys (alpha {base['alpha']:g})", "-", "-", "88",
                      "-", f"{base['val_nll_per_step']:.2f}",
-                     f"{base.get('test_nll_per_step', float('nan')):.2f}", "-", "-"])  # fmt: skip
+                     f"{base.get('test_nll_per_step', float('nan')):.2f}", "-", "-"])
         for r in rows:
             if r["corpus"] == corpus:
                 body.append([corpus, r["model"], str(r["states"]), str(r["rank"] or "-"),
@@ -169,7 +159,7 @@ def table(rows: list[dict]) -> str:
                              f"{r['epochs']:.0f} ({r['best_epoch'] or 0:.0f})",
                              f"{r['val_nll_per_step']:.2f}", f"{r['test_nll_per_step']:.2f}",
                              f"{r['seconds_per_epoch']:.2f}",
-                             f"{r['wall_seconds_per_epoch']:.2f}"])  # fmt: skip
+                             f"{r['wall_seconds_per_epoch']:.2f}"])
     return markdown_table(header, body)
 
 
@@ -191,7 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
             xs = [h["epoch"] for h in r["history"]]
             ax.plot(xs, [h["val_nll_per_step"] for h in r["history"]], marker=".", label=label)
         ax.axhline(sub[0]["baseline"]["val_nll_per_step"], color="gray", ls="--",
-                   label="independent keys")  # fmt: skip
+                   label="independent keys")
         ax.set_title(f"{corpus}: validation NLL per time step")
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats / step")
@@ -225,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a busy 2-core machine 2 threads are "
-                         "many times slower)")  # fmt: skip
+                         "many times slower)")
     ap.add_argument("--timing-reps", type=int, default=2,
                     help="runs per batch in the CPU-time epoch timing (the minimum counts)")
     ap.add_argument("--timing-stride", type=int, default=1,
@@ -243,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs = args.epochs
     else:
         ap.error(f"--epochs takes one value or one per corpus ({len(args.corpora)}), got "
-                 f"{len(args.epochs)}")  # fmt: skip
+                 f"{len(args.epochs)}")
     torch.set_num_threads(args.threads)
     grid = model_grid(args.states, args.rank_divisors, dense=not args.no_dense)
     machine = machine_description()
@@ -261,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine, "settings": settings,
         "epochs": dict(zip(args.corpora, epochs, strict=True)),
         "total_seconds": total, "rows": rows,
-    })  # fmt: skip
+    })
     head = (f"Machine: {machine}. Total {total / 60:.1f} min. Epochs: "
             + ", ".join(f"{c} {e}" for c, e in zip(args.corpora, epochs, strict=True)) + ".")
     atomic_write_bytes(args.out / "music_experiments.md", f"{head}\n\n{md}\n".encode())
@@ -274,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             best = min(sub, key=lambda r: r["val_nll_per_step"])
             verdict = "beats" if best["val_nll_per_step"] < base else "does NOT beat"
             print(f"{corpus}: the best LHMM (R={best['rank']}, val {best['val_nll_per_step']:.3f})"
-                  f" {verdict} independent keys (val {base:.3f})")  # fmt: skip
+                  f" {verdict} independent keys (val {base:.3f})")
     return 0
 
 

@@ -6,17 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lorank.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -27,7 +18,7 @@ def corpus(tmp_path):
     for split, n in (("train", 60), ("valid", 12), ("test", 12)):
         lines = [" ".join(f"w{(g + i) % 3 * 4 + rng.randrange(4)}"
                           for i in range(rng.randint(2, 7)))
-                 for g in (rng.randrange(3) for _ in range(n))]  # fmt: skip
+                 for g in (rng.randrange(3) for _ in range(n))]
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -46,7 +37,7 @@ def test_unknown_model(corpus, capsys):
 
 def test_rank_larger_than_states(corpus, capsys):
     err = _error(["train", "--corpus", str(corpus), "--model", "lhmm", "--states", "16",
-                  "--rank", "64"], capsys)  # fmt: skip
+                  "--rank", "64"], capsys)
     assert "rank (64) must be at most the number of states (16)" in err
 
 
@@ -56,7 +47,7 @@ def test_missing_corpus(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     err = _error(["train", "--corpus", str(empty), "--model", "lhmm", "--out",
-                  str(tmp_path / "o")], capsys)  # fmt: skip
+                  str(tmp_path / "o")], capsys)
     assert "lacks train.txt, valid.txt, test.txt" in err
 
 
@@ -77,7 +68,7 @@ def test_train_eval_sample(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--corpus", str(corpus), "--model", "lhmm_band", "--states", "6", "--rank",
             "2", "--band", "1", "--hidden", "8", "--batch-size", "16", "--max-steps", "3",
-            "--eval-every", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+            "--eval-every", "2", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "lhmm_band: val ppl" in text and "test ppl" in text
@@ -90,10 +81,10 @@ def test_train_eval_sample(corpus, tmp_path, capsys):
     assert r["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-5)
 
     assert main(["sample", str(out / "model.safetensors"), "--num", "3", "--max-length",
-                 "6"]) == 0  # fmt: skip
+                 "6"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert len(lines) == 3 and all(w.startswith("w") or w in ("<eos>", "<unk>")
-                                   for line in lines for w in line.split())  # fmt: skip
+                                   for line in lines for w in line.split())
 
     # --resume continues a run; training it again without a flag is refused
     assert main(argv[:-2] + ["--max-steps", "4", "--out", str(out), "--resume"]) == 0
@@ -105,10 +96,10 @@ def test_train_eval_sample(corpus, tmp_path, capsys):
 def test_main_job_prints_the_comparison(corpus, tmp_path, capsys):
     out = tmp_path / "main"
     assert main(["train", "--corpus", str(corpus), "--states", "6", "--rank", "2", "--hidden",
-                 "8", "--max-steps", "2", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+                 "8", "--max-steps", "2", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     for word in ("unigram (add-k", "bigram (add-k", "| hmm", "| lhmm", "val ppl",
-                 "train tokens/s"):  # fmt: skip
+                 "train tokens/s"):
         assert word in text, word
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"hmm", "lhmm"} and "bigram" in summary["baselines"]
@@ -118,5 +109,5 @@ def test_main_job_prints_the_comparison(corpus, tmp_path, capsys):
 
 def test_python_dash_m_lorank():
     r = subprocess.run([sys.executable, "-m", "lorank", "train", "--help"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--states" in r.stdout and "torchrun" in r.stdout

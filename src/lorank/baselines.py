@@ -98,7 +98,7 @@ class NgramLM:
         if not k > 0:
             raise ValueError(f"k must be > 0, got {k!r}")
         return NgramLM(self.order, self.vocab_size, float(k), self.eos_id, self.unigram,
-                       self.context, self.pair_keys, self.pair_counts)  # fmt: skip
+                       self.context, self.pair_keys, self.pair_counts)
 
     def token_log_probs(self, data: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """log p of every token of ``data`` (float64, same length as the stream)."""

@@ -9,17 +9,25 @@ import torch
 from torch import nn
 
 import lorank
+from lorank.cli import main
 from lorank.compress import (
     CompressConfig,
+    FixedLowRankTransition,
     LowRankLinear,
+    apply_structure,
+    break_even_rank,
     compress,
+    compress_hmm,
     finetune,
     load_compressed,
     nmf_transition,
     save_compressed,
     transition_error,
 )
-from lorank.compress.cli import main as cli_main
+from lorank.compress.io import compressed_structure
+from lorank.nn.hmm import HMMLanguageModel, HMMLMConfig
+from lorank.tasks import LMTask, TextDataConfig, load_run
+from lorank.train.checkpoint import save_checkpoint
 
 from .test_compress_core import TinyLM, _batches, _lm_loss
 
@@ -248,7 +256,7 @@ def test_cli_on_a_hf_directory(tmp_path, gen, capsys):
     text.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 59}" for j in range(8))
                               for i in range(20)) + "\n")
     out = tmp_path / "out"
-    code = cli_main([str(src), "-o", str(out), "--method", "whitened", "--param-reduction",
+    code = main(["compress", str(src), "-o", str(out), "--method", "whitened", "--param-reduction",
                      "0.5", "--calib-text", str(text), "--target", "query", "value",
                      "--batch-size", "8", "--no-latency"])
     assert code == 0
@@ -259,69 +267,97 @@ def test_cli_on_a_hf_directory(tmp_path, gen, capsys):
     loaded = load_compressed(out).eval()
     assert isinstance(loaded.encoder.layer[1].attention.self.value, LowRankLinear)
     # errors are reported, not raised
-    code = cli_main([str(src), "-o", str(out), "--method", "asvd", "--rank", "4"])
+    code = main(["compress", str(src), "-o", str(out), "--method", "asvd", "--rank", "4"])
     assert code == 2
     assert "needs --calib-text" in capsys.readouterr().err
-    code = cli_main([str(tmp_path / "missing"), "-o", str(out), "--rank", "4"])
+    code = main(["compress", str(tmp_path / "missing"), "-o", str(out), "--rank", "4"])
     assert code == 2
+
+
+def _tiny_hmm_lm(model="hmm"):
+    torch.manual_seed(0)
+    return HMMLanguageModel(vocab_size=20, num_states=8, model=model, hidden=16).eval()
 
 
 def test_compress_a_neural_hmm_language_model(gen):
-    hmm_mod = pytest.importorskip("lorank.nn.hmm")
-    from lorank.compress import attach_lowrank_transition, compress_hmm
-
-    torch.manual_seed(0)
-    model = hmm_mod.HMMLanguageModel(vocab_size=20, num_states=8, model="hmm", hidden=16)
-    model.eval()
+    model = _tiny_hmm_lm()
     x = torch.randint(0, 20, (3, 6), generator=gen)
     with torch.no_grad():
-        ref = model(x).log_partition
-        full, info = compress_hmm(model, 8)
-        assert info["rel_frobenius"] < 1e-12
-        assert torch.allclose(full(x).log_partition, ref, atol=1e-5)
-        errs = [compress_hmm(model, r)[1]["rel_frobenius"] for r in (1, 3, 6)]
+        errs = [compress_hmm(model, r)[1]["rel_frobenius"] for r in (1, 2, 3)]
         assert errs[0] > errs[1] > errs[2]
         low, info = compress_hmm(model, 3)
-        assert isinstance(low.transition(), lorank.LowRank) and low.transition().rank == 3
-        assert info["lowrank_transition_params"] == 2 * 8 * 3
+        # a submodule swap: the transition network changes, nothing else
+        assert isinstance(low.transition_net, FixedLowRankTransition)
+        assert type(low) is HMMLanguageModel
+        factor = low.transition()
+        assert isinstance(factor, lorank.LowRank) and factor.rank == 3
+        assert info["transition_params_after"] == 2 * 8 * 3 + 8
+        assert info["transition_params_before"] == sum(
+            p.numel() for p in model.transition_net.parameters())
+        torch.testing.assert_close(low.init_logits(), model.init_logits())
+        em = model.emission(model.state_emb, x)
+        ref = lorank.HMM(model.init_logits(), factor, em).log_partition
+        torch.testing.assert_close(low(x).log_partition, ref)
         # parameters are contiguous, as a model rebuilt for loading is: outputs then match
         # bit for bit on any CPU (a transposed layout picked other kernels on CI)
-        assert all(p.is_contiguous() for p in low.lowrank_transition.parameters())
-        # weights restore onto a fresh model once the structure is attached
-        fresh = hmm_mod.HMMLanguageModel(vocab_size=20, num_states=8, model="hmm", hidden=16)
-        attach_lowrank_transition(fresh, torch.zeros(8, 3), torch.zeros(8, 3))
+        assert all(p.is_contiguous() for p in low.transition_net.parameters())
+        # weights restore onto a fresh model once the structure is applied
+        fresh = _tiny_hmm_lm()
+        apply_structure(fresh, compressed_structure(low))
         fresh.load_state_dict(low.state_dict())
         assert torch.equal(fresh.eval()(x).log_partition, low(x).log_partition)
     assert isinstance(model.transition(), lorank.Dense)  # the original is untouched
 
 
-def test_cli_on_a_lorank_hmm_checkpoint(tmp_path, gen, capsys):
-    pytest.importorskip("lorank.train.checkpoint")
-    from lorank.train.checkpoint import save_checkpoint
-    from lorank.train.tasks import get_task
+def test_compress_hmm_refuses_ranks_that_do_not_pay():
+    dense = _tiny_hmm_lm("hmm")
+    assert break_even_rank(8) == 3
+    with pytest.raises(ValueError, match="break-even rank is 3"):
+        compress_hmm(dense, 4)
+    lhmm = _tiny_hmm_lm("lhmm")  # rank Z/4 = 2
+    with pytest.raises(ValueError, match="already has rank 2"):
+        compress_hmm(lhmm, 2)
+    low, _ = compress_hmm(lhmm, 1)
+    assert low.rank == 1
+    with pytest.raises(TypeError, match="NeuralHMM"):
+        compress_hmm(torch.nn.Linear(2, 2), 1)
 
-    model_config = {"model": "hmm", "num_states": 8, "rank": None, "band": None,
-                    "hidden": 16, "mlp_layers": 1, "state_dropout": 0.0,
-                    "feature_dropout": 0.0, "memory_light": False, "vocab_size": 20}
-    task = get_task("lm")({"corpus": "shakespeare", "vocab_size": 20, "max_length": None},
-                          model_config)
+
+def _save_run(run, model, task):
+    save_checkpoint(run / "model.safetensors", model,
+                    {"task": task.name, "data_config": task.data_config.to_dict(),
+                     "model_config": task.model_config.to_dict(),
+                     "task_meta": {"vocab": [f"w{i}" for i in range(20)]}}, rng=False)
+
+
+def test_cli_on_a_lorank_hmm_checkpoint(tmp_path, gen, capsys):
+    task = LMTask(TextDataConfig(vocab_size=20), HMMLMConfig(model="hmm", num_states=8,
+                                                             hidden=16, mlp_layers=1,
+                                                             vocab_size=20))
     torch.manual_seed(0)
     model = task.build_model().eval()
     run = tmp_path / "run"
-    run.mkdir()
-    save_checkpoint(run / "model.safetensors", model,
-                    {"task": "lm", "data_config": task.data_config,
-                     "model_config": task.model_config}, rng=False)
+    _save_run(run, model, task)
     out = tmp_path / "out"
-    assert cli_main([str(run), "-o", str(out), "--rank", "3"]) == 0
+    assert main(["compress", str(run), "-o", str(out), "--rank", "3"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rank"] == 3 and info["num_states"] == 8
-    loaded = load_compressed(out)
-    assert isinstance(loaded.transition(), lorank.LowRank)
+    _, loaded, _ = load_run(out)
+    assert isinstance(loaded.transition_net, FixedLowRankTransition)
     x = torch.randint(0, 20, (2, 5), generator=gen)
     with torch.no_grad():
         ref = model(x).log_partition
-        got = loaded.eval()(x).log_partition
+        got = loaded(x).log_partition
     assert torch.isfinite(got).all() and (got - ref).abs().max() < 5.0
-    assert cli_main([str(run), "-o", str(out), "--energy", "0.9"]) == 2
+    # the compressed run samples without its corpus (the vocabulary travels with it)
+    assert main(["sample", str(out), "--num", "2", "--max-length", "4"]) == 0
+    assert all(w.startswith("w") for w in capsys.readouterr().out.split())
+    assert main(["compress", str(run), "-o", str(out), "--energy", "0.9"]) == 2
     assert "--rank R" in capsys.readouterr().err
+    assert main(["compress", str(run), "-o", str(out), "--rank", "5"]) == 2
+    assert "break-even rank is 3" in capsys.readouterr().err
+    # never into the input run: that would overwrite its trained model
+    before = (run / "model.safetensors").read_bytes()
+    assert main(["compress", str(run), "-o", str(run), "--rank", "3"]) == 2
+    assert "overwrite the trained model" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before

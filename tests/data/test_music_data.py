@@ -72,7 +72,7 @@ def test_quarter_grid_samples_on_the_beat():
     roll = score_to_roll(_known_score(), grid=1.0)
     # the eighth D5 at 5.5 covers no quarter-note grid point and disappears
     assert roll_to_notes(roll, 1.0) == [(60, 0.0, 1.0), (64, 1.0, 2.0), (67, 4.0, 2.0),
-                                        (71, 4.0, 2.0)]  # fmt: skip
+                                        (71, 4.0, 2.0)]
 
 
 def test_abc_transposition_and_pickup():
@@ -80,7 +80,7 @@ def test_abc_transposition_and_pickup():
     assert transposition(s) == 5  # G major -> C major, up a fourth
     assert roll_to_notes(score_to_roll(s, 1.0), 1.0) == [
         (72, 0.0, 1.0), (74, 1.0, 1.0), (76, 2.0, 1.0), (77, 3.0, 1.0), (79, 4.0, 4.0),
-    ]  # fmt: skip
+    ]
     assert roll_to_notes(score_to_roll(s, 1.0, transpose=False), 1.0)[0] == (67, 0.0, 1.0)
     # an eighth-note pickup: on a quarter grid the beats stay on the barline
     up = parse_score(TUNE.format(title="p", key="C", notes="G|c2d2e2f2|g8"), format="abc")
@@ -229,5 +229,5 @@ def test_music_batches_permutation_and_sharding():
         [i for *_, idx in music_batches(rolls, 4, True, 1, rank=r, world_size=3,
                                         return_indices=True) for i in idx.tolist()]
         for r in range(3)
-    ]  # fmt: skip
+    ]
     assert sorted(sum(shares, [])) == list(range(23))

@@ -19,7 +19,7 @@ def write_co2_csv(path, weeks: int = 400, missing=(3, 4, 50)) -> torch.Tensor:
     t = torch.arange(weeks, dtype=torch.float64)
     x = 315 + 0.02 * t + 3 * torch.sin(2 * math.pi * t / 52)
     rows = ["date,co2"] + [f"{19580101 + i},{'' if i in missing else f'{float(v):.6f}'}"
-                           for i, v in enumerate(x)]  # fmt: skip
+                           for i, v in enumerate(x)]
     path.write_text("\n".join(rows) + "\n")
     return x
 
@@ -68,7 +68,7 @@ def test_splits_standardize_with_training_statistics(tmp_path):
     assert d.weeks == {"train": 280, "valid": 40, "test": 80}  # 400 differences
     train = diff[:280]
     assert d.mean == pytest.approx(float(train.mean())) and d.std == pytest.approx(
-        float(train.std()))  # fmt: skip
+        float(train.std()))
     z = (diff - d.mean) / d.std
     assert d.windows["train"].shape == (18, 52, 1)  # starts 0, 13, ..., 221
     torch.testing.assert_close(d.windows["train"][1, :, 0], z[13:65].float())

@@ -63,10 +63,10 @@ def test_vocab_order_cap_and_round_trip():
 def test_tokenize_ptb_like():
     assert tokenize("'Tis now struck twelve. Get thee to bed, Francisco!") == [
         "'tis", "now", "struck", "twelve", "get", "thee", "to", "bed", "francisco",
-    ]  # fmt: skip
+    ]
     assert tokenize("O'er the joint-labourer--I'll 'This fair child,' in 1600") == [
         "o'er", "the", "joint-labourer", "i'll", "this", "fair", "child", "in", "N",
-    ]  # fmt: skip
+    ]
 
 
 # ---- corpora -------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_shakespeare_splits_stable_disjoint_and_clean():
     assert (a.train.numel(), a.valid.numel(), a.test.numel()) == (812211, 42647, 38335)
     assert a.vocab.decode(a.sentences("test")[0]) == [
         "when", "shall", "we", "three", "meet", "again", "<eos>",
-    ]  # fmt: skip
+    ]
     # ~90/5/5; no stage directions or speaker prefixes survive
     total = a.train.numel() + a.valid.numel() + a.test.numel()
     assert 0.88 < a.train.numel() / total < 0.93
@@ -215,14 +215,14 @@ def test_sharding_disjoint_covering_equal(world_size, max_tokens):
         it = sentence_batches(
             sents, 6, True, 7, max_tokens=max_tokens, rank=rank, world_size=world_size,
             return_indices=True,
-        )  # fmt: skip
+        )
         batches = list(it)
         if max_tokens is not None:
             assert all(t.numel() <= max_tokens for t, _, _ in batches)
         shares.append([i for *_, idx in batches for i in idx.tolist()])
         assert len(batches) == len(it)
     counts = {len(sentence_batches(sents, 6, True, 7, max_tokens=max_tokens, rank=r,
-                                   world_size=world_size)) for r in range(world_size)}  # fmt: skip
+                                   world_size=world_size)) for r in range(world_size)}
     assert len(counts) == 1  # equal number of batches per rank
     flat = [i for s in shares for i in s]
     assert sorted(flat) == list(range(53))  # disjoint and covering

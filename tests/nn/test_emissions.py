@@ -7,7 +7,7 @@ from brute import brute_hmm, reference_log_potentials
 
 import lorank
 from lorank.nn.emissions import Bernoulli88Emission, SoftmaxEmission
-from lorank.nn.hmm import MODELS, NeuralHMM
+from lorank.nn.hmm import MODELS, HMMConfig, NeuralHMM
 
 F64 = torch.float64
 
@@ -66,8 +66,9 @@ def test_softmax_emission_gather_and_unigram_init():
 def test_bernoulli_head_with_every_transition(name):
     torch.manual_seed(0)
     head = Bernoulli88Emission(hidden=6, mlp_layers=1)
-    model = NeuralHMM(5, head, name, rank=None if name == "hmm" else 2,
-                      band=1 if name == "lhmm_band" else None).to(F64).eval()  # fmt: skip
+    config = HMMConfig(num_states=5, hidden=6, model=name, rank=None if name == "hmm" else 2,
+                       band=1 if name == "lhmm_band" else None, state_dropout=0.4)
+    model = NeuralHMM(config, head).to(F64).eval()
     x, lengths = _rolls(2, 4), torch.tensor([4, 3])
     dist = model(x, lengths)
     with torch.no_grad():
@@ -78,7 +79,6 @@ def test_bernoulli_head_with_every_transition(name):
     torch.testing.assert_close(dist.log_partition.detach(), ref.log_partition)
     # training with state dropout works and has gradients for the head
     model.train()
-    model.state_dropout = 0.4
     loss = -model(x, lengths, generator=torch.Generator().manual_seed(0)).log_partition.sum()
     loss.backward()
     assert head.out.weight.grad is not None and torch.isfinite(head.out.weight.grad).all()

@@ -9,7 +9,8 @@ import torch
 from brute import brute_hmm, reference_log_potentials
 
 import lorank
-from lorank.nn.hmm import MODELS, HMMLanguageModel, NeuralHMM
+from lorank.config import ConfigError
+from lorank.nn.hmm import MODELS, HMMConfig, HMMLanguageModel, HMMLMConfig, NeuralHMM
 
 F64 = torch.float64
 V = 11
@@ -18,8 +19,9 @@ V = 11
 def _model(name, z=5, rank=2, **kw):
     torch.manual_seed(0)
     band = 1 if name == "lhmm_band" else None
-    return HMMLanguageModel(V, z, name, rank=None if name == "hmm" else rank, band=band,
-                            hidden=6, **kw).to(F64)  # fmt: skip
+    return HMMLanguageModel(vocab_size=V, num_states=z, model=name,
+                            rank=None if name == "hmm" else rank, band=band, hidden=6,
+                            **kw).to(F64)
 
 
 def _batch():
@@ -64,8 +66,8 @@ def test_rank_space_model_equals_lhmm():
     a = lhmm.eval()(tokens, lengths).log_partition
     b = rs.eval()(tokens, lengths).log_partition
     torch.testing.assert_close(a, b)
-    ga = torch.autograd.grad(a.sum(), lhmm.projection)[0]
-    gb = torch.autograd.grad(b.sum(), rs.projection)[0]
+    ga = torch.autograd.grad(a.sum(), lhmm.transition_net.projection)[0]
+    gb = torch.autograd.grad(b.sum(), rs.transition_net.projection)[0]
     torch.testing.assert_close(ga, gb)
 
 
@@ -101,8 +103,9 @@ def test_feature_dropout_keeps_a_subset_of_rank_features():
     f = model.transition(features=feats)
     assert isinstance(f, lorank.LowRank) and f.rank == 2
     with torch.no_grad():
-        prev = model.prev_mlp(model.state_emb)
-        torch.testing.assert_close(f.left, prev @ model.projection[:, feats])
+        net = model.transition_net
+        prev = net.prev_mlp(model.state_emb)
+        torch.testing.assert_close(f.left, prev @ net.projection[:, feats])
 
 
 def test_generate_ends_with_eos():
@@ -115,37 +118,37 @@ def test_generate_ends_with_eos():
         assert s[-1] == 1 or len(s) == 8
 
 
-def test_config_round_trip():
-    model = _model("lhmm_band", z=6, rank=2, state_dropout=0.1)
-    clone = HMMLanguageModel.from_config(model.config())
-    assert clone.config() == model.config()
-    assert {k: v.shape for k, v in clone.state_dict().items()} == {
-        k: v.shape for k, v in model.state_dict().items()
-    }
-
-
 def test_argument_errors():
-    with pytest.raises(ValueError, match="unknown model 'foo'.*hmm, lhmm, lhmm_band, rank_space"):
-        HMMLanguageModel(V, 4, "foo")
-    with pytest.raises(ValueError, match=r"rank \(8\) must be at most the number of states \(4\)"):
-        HMMLanguageModel(V, 4, "lhmm", rank=8)
-    with pytest.raises(ValueError, match="band=2 needs model 'lhmm_band'"):
-        HMMLanguageModel(V, 4, "lhmm", band=2)
-    with pytest.raises(ValueError, match="state_dropout must be a probability"):
-        HMMLanguageModel(V, 4, "hmm", state_dropout=1.0)
-    with pytest.raises(ValueError, match="memory_light needs model 'lhmm'"):
-        HMMLanguageModel(V, 4, "hmm", memory_light=True)
+    def lm(**kw):
+        return HMMLanguageModel(vocab_size=V, num_states=4, **kw)
+
+    with pytest.raises(ConfigError, match="unknown model 'foo'.*hmm, lhmm, lhmm_band, rank_sp"):
+        lm(model="foo")
+    with pytest.raises(ConfigError, match=r"rank \(8\) must be at most the number of states \(4\)"):
+        lm(model="lhmm", rank=8)
+    with pytest.raises(ConfigError, match="band applies to model 'lhmm_band' only"):
+        lm(model="lhmm", band=2)
+    with pytest.raises(ConfigError, match="state_dropout must be a probability"):
+        lm(model="hmm", state_dropout=1.0)
+    with pytest.raises(ConfigError, match="memory_light needs model 'lhmm'"):
+        lm(model="hmm", memory_light=True)
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        HMMLanguageModel(num_states=4)
     with pytest.raises(TypeError, match="EmissionHead"):
-        NeuralHMM(4, torch.nn.Linear(2, 2))
+        NeuralHMM(HMMConfig(num_states=4), torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="HMMConfig"):
+        NeuralHMM({"num_states": 4}, torch.nn.Linear(2, 2))
     model = _model("lhmm")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 11\)"):
         model(torch.tensor([[0, 11]]))
 
 
 def test_default_rank_and_aliases():
-    m = HMMLanguageModel(V, 32, "LHMM+band", hidden=4)
-    assert m.model == "lhmm_band" and m.rank == 8 and m.band == 4
-    assert HMMLanguageModel(V, 32, "dense", hidden=4).rank is None
+    c = HMMLMConfig(num_states=32, model="LHMM+band", hidden=4)
+    assert c.model == "lhmm_band" and c.rank == 8 and c.band == 4
+    assert HMMLanguageModel(c.replace(vocab_size=V)).rank == 8
+    assert HMMLanguageModel(vocab_size=V, num_states=32, model="dense", hidden=4).rank is None
+    assert HMMLMConfig(model="rank-space").model == "rank_space"
 
 
 def test_memory_light_matches():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lorank
-from lorank.nn.hsmm import LHSMM, sequence_windows
+from lorank.config import ConfigError
+from lorank.nn.hsmm import LHSMM, HSMMConfig
 
 
 def _data():
@@ -23,7 +24,8 @@ def _data():
 @pytest.mark.parametrize("dense", [False, True])
 def test_loss_decreases(dense):
     x, lengths = _data()
-    model = LHSMM(12, 1, rank=4, max_duration=8, emb_dim=8, dense=dense, init_data=x, seed=0)
+    model = LHSMM(num_states=12, rank=None if dense else 4, max_duration=8, emb_dim=8,
+                  model="hsmm" if dense else "lhsmm", init_data=x, seed=0)
     dist = model((x, lengths))
     assert isinstance(dist, lorank.HSMM) and dist.log_partition.shape == (8,)
     opt = torch.optim.Adam(model.parameters(), lr=5e-2)
@@ -39,13 +41,8 @@ def test_loss_decreases(dense):
     assert seg.states.shape == (8, 40)
 
 
-def test_windows_and_errors():
-    w = sequence_windows(torch.arange(100.0), 20, 10)
-    assert w.shape == (9, 20, 1)
-    torch.testing.assert_close(w.mean(), torch.tensor(0.0), atol=0.2, rtol=0)
-    with pytest.raises(ValueError, match="fewer than one window"):
-        sequence_windows(torch.arange(5.0), 20)
-    with pytest.raises(ValueError, match="positive integer"):
-        LHSMM(4, 1, max_duration=0)
+def test_errors():
+    with pytest.raises(ConfigError, match="max_duration must be a positive integer"):
+        LHSMM(num_states=4, max_duration=0)
     with pytest.raises(ValueError, match="x must have shape"):
-        LHSMM(4, 2)(torch.zeros(1, 5, 3))
+        LHSMM(HSMMConfig(num_states=4, obs_dim=2))(torch.zeros(1, 5, 3))

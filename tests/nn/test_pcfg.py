@@ -28,8 +28,8 @@ def _corpus():
 def test_loss_decreases(rule_type):
     torch.manual_seed(0)
     tokens, lengths = _corpus()
-    model = NeuralPCFG(8, num_nonterminals=4, num_preterminals=5, hidden=32,
-                       rule_type=rule_type, rank=4, seed=0)
+    model = NeuralPCFG(vocab_size=8, num_nonterminals=4, num_preterminals=5, hidden=32,
+                       rule_type=rule_type, rank=None if rule_type == "dense" else 4, seed=0)
     dist = model((tokens, lengths))
     assert isinstance(dist, lorank.PCFG) and dist.log_partition.shape == (24,)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -46,7 +46,8 @@ def test_loss_decreases(rule_type):
 
 
 def test_one_word_sentences_and_errors():
-    model = NeuralPCFG(5, num_nonterminals=2, num_preterminals=3, hidden=8, max_length=4)
+    model = NeuralPCFG(vocab_size=5, num_nonterminals=2, num_preterminals=3, hidden=8,
+                       max_length=4)
     d = model(torch.tensor([[3, 0, 0]]), torch.tensor([1]))
     assert torch.isfinite(d.log_partition).all()
     with pytest.raises(ValueError, match="at most 4"):
@@ -54,4 +55,4 @@ def test_one_word_sentences_and_errors():
     with pytest.raises(ValueError, match="token ids"):
         model(torch.tensor([[7, 1]]))
     with pytest.raises(ValueError, match="rule_type"):
-        NeuralPCFG(5, rule_type="sparse")
+        NeuralPCFG(vocab_size=5, rule_type="sparse")

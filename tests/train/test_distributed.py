@@ -20,7 +20,7 @@ def _args(corpus, out, batch_size):
     return ["train", "--corpus", str(corpus), "--model", "lhmm", "--states", "8", "--rank", "4",
             "--hidden", "12", "--mlp-layers", "1", "--batch-size", str(batch_size),
             "--max-steps", "3", "--eval-every", "2", "--lr", "0.05", "--state-dropout", "0.25",
-            "--seed", "3", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+            "--seed", "3", "--device", "cpu", "--no-progress", "--out", str(out)]
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_two_process_gloo_matches_one_process(tiny_corpus, tmp_path, capsys):
     # a batch size whose global batch list has an even length (the same list for 1 and 2
     # processes: the 2-process sharding only re-splits batches to reach a multiple of 2)
     bs = next(b for b in range(10, 40)
-              if len(length_batches(lengths, b, shuffle=True, seed=3)) % 2 == 0)  # fmt: skip
+              if len(length_batches(lengths, b, shuffle=True, seed=3)) % 2 == 0)
     assert len(length_batches(lengths, bs, shuffle=True, seed=3)) >= 6
 
     one = tmp_path / "one"
@@ -41,7 +41,7 @@ def test_two_process_gloo_matches_one_process(tiny_corpus, tmp_path, capsys):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "lorank.cli"] + _args(tiny_corpus, two, bs)  # fmt: skip
+           "2", "-m", "lorank"] + _args(tiny_corpus, two, bs)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

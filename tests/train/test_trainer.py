@@ -8,23 +8,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorank.train import LMTask, TrainConfig, Trainer, load_checkpoint
+from lorank.config import ConfigError
+from lorank.nn.hmm import HMMLMConfig
+from lorank.tasks import LMTask, TextDataConfig
+from lorank.train import TrainConfig, Trainer, load_checkpoint
 from lorank.train.checkpoint import BEST_NAME, CHECKPOINT_NAME, model_state
 from lorank.train.distributed import DistContext
 
 
 def _task(corpus, **model):
-    cfg = {"model": "lhmm", "num_states": 8, "rank": 4, "band": None, "hidden": 12,
-           "mlp_layers": 1, "state_dropout": 0.0, "feature_dropout": 0.0,
-           "memory_light": False}  # fmt: skip
+    cfg = {"model": "lhmm", "num_states": 8, "rank": 4, "hidden": 12, "mlp_layers": 1}
     cfg.update(model)
-    LMTask.check_model_config(cfg)
-    return LMTask({"corpus": str(corpus), "vocab_size": 10000, "max_length": None}, cfg)
+    return LMTask(TextDataConfig(corpus=str(corpus)), HMMLMConfig(**cfg))
 
 
 def _config(out, **kw):
     base = dict(out=str(out), batch_size=16, max_tokens=None, lr=0.05, progress=False,
-                device="cpu", eval_per_epoch=2)  # fmt: skip
+                device="cpu", eval_per_epoch=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -127,9 +127,9 @@ def test_metrics_json(tiny_corpus, tmp_path):
     out = tmp_path / "run"
     trainer, m = _fit(tiny_corpus, out, max_steps=3, eval_every=1)
     disk = json.loads((out / "metrics.json").read_text())
-    for key in ("model", "states", "rank", "val_ppl", "test_ppl", "tokens_per_s", "params"):
+    for key in ("model", "num_states", "rank", "val_ppl", "test_ppl", "tokens_per_s", "params"):
         assert disk[key] is not None, key
-    assert disk["model"] == "lhmm" and disk["states"] == 8 and disk["rank"] == 4
+    assert disk["model"] == "lhmm" and disk["num_states"] == 8 and disk["rank"] == 4
     assert disk["params"] == sum(p.numel() for p in trainer.model.parameters())
     assert disk["val_ppl"] == min(h["val_ppl"] for h in disk["history"])
     assert len(disk["history"]) == 3 and disk["tokens_per_s"] > 0
@@ -142,12 +142,13 @@ def test_existing_run_needs_resume_or_overwrite(tiny_corpus, tmp_path):
     with pytest.raises(FileExistsError, match="pass --resume"):
         _fit(tiny_corpus, out, max_steps=1)
     _fit(tiny_corpus, out, max_steps=1, overwrite=True)
-    with pytest.raises(ValueError, match="cannot resume .* model_config"):
+    with pytest.raises(ValueError, match="cannot resume .*num_states: 8 in the run, 6 now"):
         _fit(tiny_corpus, out, model={"num_states": 6}, max_steps=2, resume=True)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        TrainConfig(batch_size=0).validate()
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        TrainConfig(lr=0.0).validate()
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer") as e:
+        TrainConfig(batch_size=0)
+    assert e.value.field == "batch_size" and e.value.owner == "TrainConfig"
+    with pytest.raises(ConfigError, match="lr must be a finite number > 0"):
+        TrainConfig(lr=0.0)

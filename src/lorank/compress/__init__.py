@@ -19,13 +19,14 @@ from lorank.compress.core import (
 )
 from lorank.compress.finetune import finetune
 from lorank.compress.hmm import (
-    attach_lowrank_transition,
+    FixedLowRankTransition,
+    break_even_rank,
     compress_hmm,
     dense_to_lowrank,
     nmf_transition,
     transition_error,
 )
-from lorank.compress.io import apply_structure, load_compressed, save_compressed
+from lorank.compress.io import apply_structure, load_compressed, read_compressed, save_compressed
 from lorank.compress.modules import (
     LowRankEmbedding,
     LowRankLinear,
@@ -52,7 +53,9 @@ __all__ = [
     "finetune",
     "nmf_transition",
     "compress_hmm",
-    "attach_lowrank_transition",
+    "FixedLowRankTransition",
+    "break_even_rank",
+    "read_compressed",
     "dense_to_lowrank",
     "transition_error",
     "find_targets",

@@ -11,14 +11,18 @@ costs O(Z R) per step instead of O(Z^2) (Chiu, Deng & Rush 2021).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lorank._checks import check_positive_int
+from lorank.compress.modules import register_structured
 from lorank.factors import Dense, Factor, LowRank
 from lorank.linalg import nmf
+from lorank.nn.hmm import NeuralHMM, TransitionNet
 
 __all__ = ["nmf_transition", "transition_error", "dense_to_lowrank", "compress_hmm",
-           "attach_lowrank_transition", "LowRankTransition"]
+           "FixedLowRankTransition", "break_even_rank"]
 
 _FLOOR = 1e-30
 
@@ -100,24 +104,30 @@ def dense_to_lowrank(factor: Dense, rank: int, **kwargs) -> LowRank:
 # model level: a trained neural HMM (lorank.nn.NeuralHMM / HMMLanguageModel)
 
 
-class LowRankTransition(torch.nn.Module):
-    """A fixed (trainable) low-rank transition ``LowRank(left, right)`` held as parameters;
-    ``factor(states)`` restricts it to a subset of states (state dropout)."""
+@register_structured
+class FixedLowRankTransition(TransitionNet):
+    """A :class:`lorank.nn.hmm.TransitionNet` holding ``LowRank(left, right)`` and the initial
+    logits as parameters (what :func:`compress_hmm` puts into a :class:`~lorank.nn.NeuralHMM`);
+    state and feature dropout restrict them to the sampled rows and columns."""
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor):
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, init_logits: torch.Tensor):
         super().__init__()
+        if left.dim() != 2 or right.shape != left.shape or init_logits.shape != left.shape[:1]:
+            raise ValueError(f"left/right must have shape (Z, R) and init_logits (Z,), got "
+                             f"{tuple(left.shape)}, {tuple(right.shape)} and "
+                             f"{tuple(init_logits.shape)}")
         # contiguous copies: a model rebuilt for loading (zeros, contiguous) then computes
         # with the same memory layout, so its outputs are bit-identical
-        self.left = torch.nn.Parameter(left.detach().clone(memory_format=torch.contiguous_format))
-        self.right = torch.nn.Parameter(
-            right.detach().clone(memory_format=torch.contiguous_format))
+        def param(t: torch.Tensor) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
 
-    @property
-    def rank(self) -> int:
-        return self.left.shape[-1]
+        self.left, self.right, self.init = param(left), param(right), param(init_logits)
+        self.rank = left.shape[-1]
 
-    def factor(self, states: torch.Tensor | None = None,
-               features: torch.Tensor | None = None) -> LowRank:
+    def init_logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.init if states is None else self.init[states]
+
+    def factor(self, state_emb=None, states=None, features=None) -> LowRank:
         left, right = self.left, self.right
         if states is not None:
             left, right = left[states], right[states]
@@ -125,65 +135,63 @@ class LowRankTransition(torch.nn.Module):
             left, right = left[:, features], right[:, features]
         return LowRank(left, right)
 
+    def structure(self) -> dict:
+        return {"type": "FixedLowRankTransition", "num_states": self.left.shape[0],
+                "rank": self.rank}
 
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _with_fixed_transition(cls: type) -> type:
-    """``cls`` with ``transition()`` served by its ``lowrank_transition`` submodule."""
-    if cls not in _SUBCLASSES:
-        def transition(self, emb=None, states=None, features=None):
-            return self.lowrank_transition.factor(states)
-
-        _SUBCLASSES[cls] = type(f"LowRankTransition{cls.__name__}", (cls,),
-                                {"transition": transition, "__module__": __name__})
-    return _SUBCLASSES[cls]
+    @classmethod
+    def from_structure(cls, spec: dict) -> FixedLowRankTransition:
+        z, r = spec["num_states"], spec["rank"]
+        return cls(torch.zeros(z, r), torch.zeros(z, r), torch.zeros(z))
 
 
-def attach_lowrank_transition(model: torch.nn.Module, left: torch.Tensor,
-                              right: torch.Tensor) -> torch.nn.Module:
-    """Make ``model`` (a ``lorank.nn.NeuralHMM``) use ``LowRank(left, right)`` as its
-    transition, in place; also used to rebuild the structure before loading weights."""
-    if not callable(getattr(model, "transition", None)) or not hasattr(model, "num_states"):
-        raise TypeError(f"expected a lorank.nn.NeuralHMM, got {type(model).__name__}")
-    if left.shape != (model.num_states, left.shape[-1]) or right.shape != left.shape:
-        raise ValueError(f"left/right must have shape ({model.num_states}, R), got "
-                         f"{tuple(left.shape)} and {tuple(right.shape)}")
-    ref = next(model.parameters())
-    model.lowrank_transition = LowRankTransition(left.to(ref), right.to(ref))
-    if type(model) not in _SUBCLASSES.values():
-        model.__class__ = _with_fixed_transition(type(model))
-    return model
+def break_even_rank(num_states: int, current_rank: int | None = None) -> int:
+    """The largest transition rank worth compressing to: a rank-r factor costs 2 Z r numbers
+    and multiply-adds per step, the dense matrix Z^2, so r < Z / 2; below an existing rank."""
+    limit = (num_states - 1) // 2
+    return limit if current_rank is None else min(limit, current_rank - 1)
 
 
 def compress_hmm(
-    model: torch.nn.Module,
+    model: NeuralHMM,
     rank: int,
     *,
     loss: str = "frobenius",
     n_iter: int = 500,
     inplace: bool = False,
-) -> tuple[torch.nn.Module, dict]:
-    """Replace the transition of a trained neural HMM (``lorank.nn.NeuralHMM``, e.g. a dense
-    ``model="hmm"`` ``HMMLanguageModel``) by a rank-``rank`` nonnegative factorization of
-    its dense transition matrix (:func:`nmf_transition`).  Returns ``(model, info)`` with
-    info: rank, Z, dense and low-rank transition parameter counts, relative Frobenius error
-    and mean row KL of the new transition.  The parameters that produced the old transition
-    stay in the model (the emission may share the state embeddings)."""
-    import copy
-
+) -> tuple[NeuralHMM, dict]:
+    """Replace the transition network of a trained neural HMM (:class:`lorank.nn.NeuralHMM`,
+    e.g. a dense ``model="hmm"`` language model) by a :class:`FixedLowRankTransition` holding a
+    rank-``rank`` nonnegative factorization of its transition matrix (:func:`nmf_transition`)
+    and its initial logits: a submodule swap.  ``rank`` must lie below
+    :func:`break_even_rank`.  Returns ``(model, info)`` with info: rank, Z, transition-network
+    parameters before and after, relative Frobenius error and mean row KL of the new
+    transition."""
+    if not isinstance(model, NeuralHMM):
+        raise TypeError(f"compress_hmm takes a lorank.nn.NeuralHMM, got {type(model).__name__}")
+    check_positive_int("rank", rank)
+    z, current = model.num_states, model.rank
+    limit = break_even_rank(z, current)
+    if rank > limit:
+        why = (f"its transition already has rank {current}" if current is not None and
+               rank >= current else f"a rank-{rank} factor costs 2*Z*R = {2 * z * rank} numbers "
+               f"and multiply-adds per step against Z^2 = {z * z} for the dense matrix")
+        raise ValueError(f"rank {rank} would not make this {z}-state HMM cheaper: {why}; "
+                         f"the break-even rank is {limit} (choose rank <= {limit})")
     was = model.training
     model.eval()
     with torch.no_grad():
-        factor = model.transition()
-        dense = factor.to_dense().to(torch.float64)
+        dense = model.transition().to_dense().to(torch.float64)
+        init = model.init_logits().detach()
     model.train(was)
     low = nmf_transition(dense, rank, loss=loss, n_iter=n_iter)
     if not inplace:
         model = copy.deepcopy(model)
-    attach_lowrank_transition(model, low.left, low.right)
-    z = dense.shape[0]
-    info = {"num_states": z, "rank": low.rank, "dense_transition_params": z * z,
-            "lowrank_transition_params": 2 * z * low.rank,
-            **transition_error(dense, low.to_dense())}
+    before = sum(p.numel() for p in model.transition_net.parameters())
+    ref = model.state_emb
+    model.transition_net = FixedLowRankTransition(low.left.to(ref), low.right.to(ref),
+                                                  init.to(ref))
+    after = sum(p.numel() for p in model.transition_net.parameters())
+    info = {"num_states": z, "rank": low.rank, "transition_params_before": before,
+            "transition_params_after": after, **transition_error(dense, low.to_dense())}
     return model, info

@@ -18,15 +18,11 @@ from torch import nn
 
 from lorank._io import atomic_save_tensors, atomic_write_json
 from lorank.compress.core import _set_module
-from lorank.compress.modules import (
-    LowRankEmbedding,
-    LowRankLinear,
-    LowRankRNN,
-    build_module,
-)
+from lorank.compress.modules import build_module, is_structured
 from lorank.compress.report import CompressionReport
 
-__all__ = ["save_compressed", "load_compressed", "apply_structure", "compressed_structure"]
+__all__ = ["save_compressed", "load_compressed", "read_compressed", "apply_structure",
+           "compressed_structure"]
 
 FORMAT = "lorank.compress/1"
 WEIGHTS = "model.safetensors"
@@ -36,8 +32,7 @@ REPORT = "compress_report.json"
 
 def compressed_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: structure dict}`` of every factorized module."""
-    return {name: mod.structure() for name, mod in model.named_modules()
-            if isinstance(mod, LowRankLinear | LowRankEmbedding | LowRankRNN)}
+    return {name: mod.structure() for name, mod in model.named_modules() if is_structured(mod)}
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
@@ -94,6 +89,23 @@ def save_compressed(
     return directory
 
 
+def read_compressed(directory: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, state dict)`` of a directory written by :func:`save_compressed` (tied weights
+    restored), without building a model."""
+    directory = Path(directory)
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: not a lorank compressed model")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"unsupported format {meta.get('format')!r} in {meta_path}")
+    state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    for alias, target in meta.get("aliases", {}).items():
+        state[alias] = state[target]
+    return meta, state
+
+
 def load_compressed(
     directory: str | Path,
     model: nn.Module | None = None,
@@ -105,26 +117,12 @@ def load_compressed(
 
     ``model``: a dense model of the original architecture (its weights are overwritten).
     If omitted, the directory must describe its base (``config.json`` of a Hugging Face
-    model, as written by ``lorank compress``)."""
-    directory = Path(directory)
-    meta_path = directory / META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a lorank compressed model")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"unsupported format {meta.get('format')!r} in {meta_path}")
-    base = meta.get("base") or {}
+    model, as written by ``lorank compress``).  A compressed ``lorank train`` run is loaded
+    with :func:`lorank.tasks.load_run`."""
+    meta, state = read_compressed(directory, map_location)
     if model is None:
-        model = _build_base(directory, base)
-    if base.get("hmm_transition_rank"):
-        from lorank.compress.hmm import attach_lowrank_transition
-
-        z, r = model.num_states, int(base["hmm_transition_rank"])
-        attach_lowrank_transition(model, torch.zeros(z, r), torch.zeros(z, r))
+        model = _build_base(Path(directory), meta.get("base") or {})
     model = apply_structure(model, meta["modules"])
-    state = load_file(str(directory / WEIGHTS), device=str(map_location))
-    for alias, target in meta.get("aliases", {}).items():
-        state[alias] = state[target]
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -140,9 +138,8 @@ def _build_base(directory: Path, base: dict) -> nn.Module:
         auto = getattr(transformers, base.get("auto_class", "AutoModel"))
         return auto.from_config(config)
     if kind == "lorank":
-        from lorank.compress.cli import load_lorank_checkpoint
-
-        return load_lorank_checkpoint(directory, base)[0]
+        raise ValueError(f"{str(directory)!r} holds a compressed lorank run: load it with "
+                         f"lorank.tasks.load_run({str(directory)!r}) (or `lorank eval`)")
     raise ValueError(
         "this directory does not describe its base model: pass model= (a dense model of the "
         "original architecture) to load_compressed"

@@ -491,10 +491,31 @@ class LowRankRNN(nn.Module):
 
 FACTORIZED_TYPES = (LowRankLinear, LowRankEmbedding, LowRankRNN)
 
+#: more module types that save and rebuild themselves: type name -> class with a
+#: ``structure()`` method and a ``from_structure(spec)`` classmethod
+STRUCTURED_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def register_structured(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: let :func:`build_module` rebuild ``cls`` from its ``structure()``."""
+    for attr in ("structure", "from_structure"):
+        if not callable(getattr(cls, attr, None)):
+            raise TypeError(f"{cls.__name__} needs a {attr}() method to be registered")
+    STRUCTURED_TYPES[cls.__name__] = cls
+    return cls
+
+
+def is_structured(module: nn.Module) -> bool:
+    """Whether ``module`` is a factorized or registered module that :func:`build_module` can
+    rebuild from its ``structure()``."""
+    return isinstance(module, FACTORIZED_TYPES + tuple(STRUCTURED_TYPES.values()))
+
 
 def build_module(spec: dict) -> nn.Module:
     """An uninitialized factorized module from a :meth:`structure` dict (for loading)."""
     kind = spec["type"]
+    if kind in STRUCTURED_TYPES:
+        return STRUCTURED_TYPES[kind].from_structure(spec)
     if kind == "LowRankLinear":
         return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                              spec["bias"], orig=spec.get("orig", "Linear"))

@@ -44,7 +44,7 @@ _ALIASES = {
     "bach": "bach", "jsb": "bach", "chorales": "bach", "bach_chorales": "bach",
     "folk": "folk", "ryans": "folk", "ryansmammoth": "folk", "ryans_mammoth": "folk",
     "palestrina": "palestrina",
-}  # fmt: skip
+}
 #: default grid (quarter lengths per time step) per corpus
 DEFAULT_GRID = {"bach": 1.0, "folk": 0.5, "palestrina": 1.0, "directory": 0.5}
 _EPS = 1e-6

@@ -290,7 +290,8 @@ def _find_split_file(path: Path, split: str) -> Path | None:
 
 def _read_directory(path: Path) -> tuple[dict[str, list[list[str]]], dict[str, object]]:
     if not path.is_dir():
-        raise NotADirectoryError(f"corpus path {str(path)!r} is not a directory")
+        raise ValueError(f"corpus path {str(path)!r} is a file, not a directory: a corpus "
+                         f"directory holds train.txt, valid.txt and test.txt")
     files = {s: _find_split_file(path, s) for s in SPLITS}
     missing = [s for s, f in files.items() if f is None]
     if missing:
@@ -299,7 +300,13 @@ def _read_directory(path: Path) -> tuple[dict[str, list[list[str]]], dict[str, o
             f"corpus directory {str(path)!r} lacks {want} (Mikolov's PTB layout: train.txt, "
             f"valid.txt, test.txt, or ptb.train.txt etc., one sentence per line)"
         )
-    splits = {s: _split_lines(f.read_text(encoding="utf-8")) for s, f in files.items()}
+    splits = {}
+    for split, f in files.items():
+        try:
+            splits[split] = _split_lines(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {str(f)!r} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
     return splits, {"source": str(path)}
 
 
@@ -312,7 +319,7 @@ SHAKESPEARE_TEST = ("twelfth_night", "macbeth")
 _ELISIONS = {
     "'tis", "'twas", "'twere", "'twill", "'twould", "'twixt", "'tween", "'gainst", "'em",
     "'mongst", "'scape", "'bout", "'ld", "'s", "'t", "'d", "'ll", "'ce", "'a", "'pon",
-}  # fmt: skip
+}
 _WORD = re.compile(r"'?[a-z0-9]+(?:['\-][a-z0-9]+)*'?")
 _NUMBER = re.compile(r"^[0-9][0-9,.]*$")
 _SENT_END = re.compile(r"(?<=[.!?])['\")\]]*\s+")

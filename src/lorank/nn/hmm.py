@@ -1,7 +1,7 @@
 """Neural HMMs: ``forward(x, lengths) -> lorank.HMM`` (or ``lorank.RankSpaceHMM``).
 
 The parameterizations of Chiu & Rush (2020) and Chiu, Deng & Rush (2021), one module,
-four transitions (``model``):
+four transitions (:attr:`HMMConfig.model`):
 
 * ``"hmm"``: the softmax HMM baseline, ``P = softmax(f(E) N^T / sqrt(d))`` (dense Z x Z);
 * ``"lhmm"``: ``P ∝ phi(f(E)) phi(N)^T`` with ``phi(X) = exp(X W)``, W (d, R) a learned
@@ -10,11 +10,12 @@ four transitions (``model``):
   (``LowRank + Banded``);
 * ``"rank_space"``: the LHMM's parameters, marginalized in rank space (Yang, Liu & Tu 2022).
 
-E (Z, d) are state embeddings (shared with the emission head), N (Z, d) next-state
-embeddings (also giving the initial distribution ``softmax(N s / sqrt(d))``), f a residual MLP,
-as in Chiu & Rush (2020).  (Deriving N from E through a second MLP instead trains far worse:
-on a toy cyclic language the dense model stayed at unigram perplexity.)  Emissions come from
-an :class:`~lorank.nn.emissions.EmissionHead` (softmax over words, Bernoulli piano keys, ...).
+A :class:`NeuralHMM` holds the state embeddings E (Z, d) shared with its emission head and a
+*transition network* (:class:`TransitionNet`, the submodule ``transition_net``) that maps them
+to the initial logits and the transition factor.  Swapping that submodule changes the
+transition and nothing else (``lorank.compress.compress_hmm`` puts a fixed low-rank factor
+there).  :class:`MLPTransition` is the network above: N (Z, d) next-state embeddings (also
+giving the initial distribution ``softmax(N s / sqrt(d))``) and a residual MLP f.
 
 Regularization as in the papers, active only in training mode and driven by an explicit
 ``torch.Generator`` (so data-parallel ranks and resumed runs draw the same subsets):
@@ -31,43 +32,104 @@ Evaluation (``model.eval()``) uses every state and feature.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorank._numerics import gumbel_argmax
+from lorank.config import Config, option
 from lorank.distributions.hmm import HMM, RankSpaceHMM
 from lorank.factors import Banded, Dense, Factor, LowRank, orthogonal_random_features
-from lorank.nn.emissions import EmissionHead, SoftmaxEmission, residual_mlp
+from lorank.nn.emissions import Bernoulli88Emission, EmissionHead, SoftmaxEmission, residual_mlp
 
 MODELS = ("hmm", "lhmm", "lhmm_band", "rank_space")
-_ALIASES = {"dense": "hmm", "softmax": "hmm", "lhmm+band": "lhmm_band", "band": "lhmm_band",
-            "rankspace": "rank_space", "rank-space": "rank_space"}  # fmt: skip
+MODEL_ALIASES = {"dense": "hmm", "softmax": "hmm", "lhmm+band": "lhmm_band", "band": "lhmm_band",
+                 "rankspace": "rank_space"}
 #: band width of "lhmm_band" when none is given
 DEFAULT_BAND = 4
-#: standard deviation of the initial transition log-potentials (dense logits; LHMM log-features)
-INIT_SCALE = 3.0
 
 
-def canonical_model(name: str) -> str:
-    """The canonical model name, or a ValueError listing the known ones."""
-    key = str(name).lower()
-    key = _ALIASES.get(key, key)
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    return key
+@dataclass(frozen=True)
+class HMMConfig(Config):
+    """Settings of a :class:`NeuralHMM`: the transition model, sizes and regularization."""
+
+    model: str = option("lhmm", "hmm (dense softmax), lhmm, lhmm_band or rank_space",
+                        choices=MODELS)
+    num_states: int = option(1024, "number of states Z", flag="--states")
+    rank: int | None = option(None, "rank R of the low-rank models (default Z/4)")
+    band: int | None = option(None, f"band width w of lhmm_band (default {DEFAULT_BAND})")
+    hidden: int = option(256, "embedding size d")
+    mlp_layers: int = option(2, "residual layers per MLP")
+    state_dropout: float = option(0.0, "fraction of states dropped per training batch")
+    feature_dropout: float = option(0.0, "fraction of rank features dropped per training batch")
+    init_scale: float = option(3.0, "standard deviation of the initial transition "
+                                    "log-potentials (dense logits; LHMM log-features)")
+    memory_light: bool = option(False, "lhmm: save O(BTR) instead of O(BTZ) for backward",
+                                compute_only=True)
+
+    def __post_init__(self) -> None:
+        model = self._choice("model", MODELS, MODEL_ALIASES)
+        self._positive_int("num_states", "hidden")
+        self._nonnegative_int("mlp_layers")
+        self._probability("state_dropout", "feature_dropout")
+        self._positive_float("init_scale")
+        z = self.num_states
+        if model == "hmm":
+            if self.rank is not None:
+                raise self._error("rank", "rank applies to low-rank models (lhmm, lhmm_band, "
+                                          "rank_space), not to the dense 'hmm'")
+        else:
+            self._positive_int("rank", optional=True)
+            if self.rank is None:
+                self._set("rank", max(1, z // 4))
+            if self.rank > z:
+                raise self._error("rank", f"rank ({self.rank}) must be at most the number of "
+                                          f"states ({z}): a low-rank transition with R > Z is "
+                                          f"no cheaper than the dense one")
+        if model == "lhmm_band":
+            if self.band is None:
+                self._set("band", DEFAULT_BAND)
+            self._nonnegative_int("band")
+        elif self.band is not None:
+            raise self._error("band", f"band applies to model 'lhmm_band' only, got {model!r}")
+        if not isinstance(self.memory_light, bool):
+            raise self._error("memory_light", f"memory_light must be a bool, got "
+                                              f"{self.memory_light!r}")
+        if self.memory_light and model != "lhmm":
+            raise self._error("memory_light", f"memory_light needs model 'lhmm', got {model!r}")
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the transition is a low-rank factor (every model but ``"hmm"``)."""
+        return self.model != "hmm"
 
 
-def default_rank(num_states: int) -> int:
-    """Z / 4, the largest rank of the paper's sweeps."""
-    return max(1, num_states // 4)
+@dataclass(frozen=True)
+class HMMLMConfig(HMMConfig):
+    """Settings of an :class:`HMMLanguageModel` (``vocab_size`` comes from the corpus)."""
+
+    vocab_size: int | None = option(None, "number of word types V", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._positive_int("vocab_size", optional=True)
 
 
-def _check_prob(name: str, p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
-    return float(p)
+@dataclass(frozen=True)
+class MusicHMMConfig(HMMConfig):
+    """Settings of a :class:`MusicHMM` (88-key Bernoulli emissions)."""
+
+    num_states: int = option(256, "number of states Z", flag="--states")
+    hidden: int = option(128, "embedding size d")
+    init_scale: float = option(1.0, "standard deviation of the initial transition "
+                                    "log-potentials (dense logits; LHMM log-features)")
+    emission_layers: int = option(1, "residual layers of the key-logit MLP (0: linear in the "
+                                     "state embedding)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._nonnegative_int("emission_layers")
 
 
 def _subset(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -76,107 +138,58 @@ def _subset(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor
     return torch.randperm(n, generator=generator)[:keep].sort().values
 
 
-class NeuralHMM(nn.Module):
-    """An HMM with embedding-parameterized init/transition and a pluggable emission head.
+class TransitionNet(nn.Module):
+    """The interface of a :class:`NeuralHMM`'s transition network.
 
-    Args:
-        num_states: Z.
-        emission: the emission head (its ``hidden`` is the embedding size d).
-        model: ``"hmm"``, ``"lhmm"``, ``"lhmm_band"`` or ``"rank_space"``.
-        rank: R of the low-rank models (default Z / 4); must be <= Z.
-        band: band width w of ``"lhmm_band"`` (default 4).
-        mlp_layers: residual layers of the transition MLP f.
-        state_dropout, feature_dropout: probabilities in [0, 1) (see the module docstring).
-        memory_light: the LowRank chain's memory-light backward (``"lhmm"`` only).
-        init_scale: standard deviation of the initial transition log-potentials: dense
-            logits ``f(E) N^T / sqrt(d)`` and LHMM log-features ``f(E) W``, ``N W``.  With 1,
-            the initial rows of P are nearly uniform (for the LHMM a sum of R similar
-            exponentials) and training sits near unigram perplexity for a long time; with 3
-            (the default) a 1024-state LHMM on Shakespeare reached validation perplexity ~320
-            after 100 steps instead of ~430 (dense HMM: ~300 instead of ~450).
+    ``init_logits(states)`` gives the initial-state logits over ``states`` (sorted indices;
+    all if None); ``factor(state_emb, states, features)`` the transition factor over them,
+    from the rows ``state_emb`` of the model's state embeddings, keeping only the rank
+    ``features`` (indices; all if None) of a low-rank factor.  ``rank`` is the factor's rank
+    (None for a dense one).
     """
 
-    def __init__(
-        self,
-        num_states: int,
-        emission: EmissionHead,
-        model: str = "lhmm",
-        rank: int | None = None,
-        band: int | None = None,
-        mlp_layers: int = 2,
-        state_dropout: float = 0.0,
-        feature_dropout: float = 0.0,
-        memory_light: bool = False,
-        init_scale: float = INIT_SCALE,
-    ):
-        super().__init__()
-        if isinstance(num_states, bool) or not isinstance(num_states, int) or num_states < 1:
-            raise ValueError(f"num_states must be a positive integer, got {num_states!r}")
-        if not isinstance(emission, EmissionHead):
-            raise TypeError(f"emission must be an EmissionHead, got {type(emission).__name__}")
-        self.model = canonical_model(model)
-        z, d = num_states, emission.hidden
-        self.num_states, self.hidden = z, d
-        self.low_rank = self.model != "hmm"
-        if self.low_rank:
-            rank = default_rank(z) if rank is None else rank
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank must be a positive integer, got {rank!r}")
-            if rank > z:
-                raise ValueError(
-                    f"rank ({rank}) must be at most the number of states ({z}): a low-rank "
-                    f"transition with R > Z is no cheaper than the dense one"
-                )
-        else:
-            rank = None
-        self.rank = rank
-        if self.model == "lhmm_band":
-            band = DEFAULT_BAND if band is None else band
-            if isinstance(band, bool) or not isinstance(band, int) or band < 0:
-                raise ValueError(f"band must be a nonnegative integer, got {band!r}")
-        elif band:
-            raise ValueError(f"band={band} needs model 'lhmm_band', got {self.model!r}")
-        else:
-            band = None
-        self.band = band
-        self.state_dropout = _check_prob("state_dropout", state_dropout)
-        self.feature_dropout = _check_prob("feature_dropout", feature_dropout)
-        if memory_light and self.model != "lhmm":
-            raise ValueError(f"memory_light needs model 'lhmm', got {self.model!r}")
-        self.memory_light = bool(memory_light)
+    rank: int | None = None
 
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
-        self.state_emb = nn.Parameter(torch.randn(z, d))
-        # f(E) has unit-variance coordinates (LayerNorm), N ~ N(0, 1): dense logits
-        # f(E) N^T / sqrt(d) and log-features f(E) W, N W have standard deviation init_scale
-        self.next_emb = nn.Parameter(torch.randn(z, d) * (1.0 if self.low_rank else init_scale))
-        self.prev_mlp = residual_mlp(d, mlp_layers)
-        self.start = nn.Parameter(torch.zeros(d))
-        if self.low_rank:
-            w = orthogonal_random_features(d, rank) * (init_scale / math.sqrt(d))
-            self.projection = nn.Parameter(w)
-        if self.band is not None:
-            self.band_out = nn.Linear(d, 2 * self.band + 1)
-        self.emission = emission
-
-    # ---- pieces ----------------------------------------------------------------------------
     def init_logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
-        """Initial-state logits (Z',) over ``states`` (all if None)."""
-        nxt = self.next_emb if states is None else self.next_emb[states]
-        return nxt @ self.start / math.sqrt(self.hidden)
+        raise NotImplementedError
 
-    def transition(
+    def factor(
         self,
-        emb: torch.Tensor | None = None,
+        state_emb: torch.Tensor,
         states: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
     ) -> Factor:
-        """The transition factor over ``states`` (sorted indices; all if None) using rank
-        ``features`` (indices; all if None)."""
-        if emb is None:
-            emb = self.state_emb if states is None else self.state_emb[states]
-        prev = self.prev_mlp(emb)
+        raise NotImplementedError
+
+
+class MLPTransition(TransitionNet):
+    """``P = softmax(f(E) N^T / sqrt(d))`` (dense), ``P ∝ exp(f(E) W) exp(N W)^T`` (low
+    rank) and optionally a learned band ``Banded(g(f(E)), w)`` added to the low-rank part
+    (Chiu & Rush 2020; Chiu, Deng & Rush 2021)."""
+
+    def __init__(self, config: HMMConfig):
+        super().__init__()
+        z, d, s = config.num_states, config.hidden, config.init_scale
+        self.low_rank = config.low_rank
+        self.rank = config.rank
+        self.band = config.band
+        self.hidden = d
+        # f(E) has unit-variance coordinates (LayerNorm), N ~ N(0, 1): dense logits
+        # f(E) N^T / sqrt(d) and log-features f(E) W, N W have standard deviation s
+        self.next_emb = nn.Parameter(torch.randn(z, d) * (1.0 if self.low_rank else s))
+        self.prev_mlp = residual_mlp(d, config.mlp_layers)
+        self.start = nn.Parameter(torch.zeros(d))
+        if self.low_rank:
+            self.projection = nn.Parameter(orthogonal_random_features(d, self.rank) * (s / d**0.5))
+        if self.band is not None:
+            self.band_out = nn.Linear(d, 2 * self.band + 1)
+
+    def init_logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        nxt = self.next_emb if states is None else self.next_emb[states]
+        return nxt @ self.start / math.sqrt(self.hidden)
+
+    def factor(self, state_emb, states=None, features=None) -> Factor:
+        prev = self.prev_mlp(state_emb)
         nxt = self.next_emb if states is None else self.next_emb[states]
         if not self.low_rank:
             return Dense(prev @ nxt.T / math.sqrt(self.hidden))
@@ -203,17 +216,60 @@ class NeuralHMM(nn.Module):
         vals = full.gather(-1, (off + w).clamp(0, 2 * w))
         return torch.where(ok, vals, torch.full_like(vals, -math.inf))
 
+
+class NeuralHMM(nn.Module):
+    """An HMM with embedding-parameterized init/transition and a pluggable emission head.
+
+    Args:
+        config: the :class:`HMMConfig` (validated there).
+        emission: the emission head; its ``hidden`` must equal ``config.hidden``.
+    """
+
+    def __init__(self, config: HMMConfig, emission: EmissionHead):
+        super().__init__()
+        if not isinstance(config, HMMConfig):
+            raise TypeError(f"config must be an HMMConfig, got {type(config).__name__}")
+        if not isinstance(emission, EmissionHead):
+            raise TypeError(f"emission must be an EmissionHead, got {type(emission).__name__}")
+        if emission.hidden != config.hidden:
+            raise ValueError(f"the emission head's hidden size ({emission.hidden}) differs from "
+                             f"config.hidden ({config.hidden})")
+        self.config = config
+        self.num_states, self.hidden = config.num_states, config.hidden
+        self.state_emb = nn.Parameter(torch.randn(config.num_states, config.hidden))
+        self.transition_net: TransitionNet = MLPTransition(config)
+        self.emission = emission
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the transition factor (None for a dense transition)."""
+        return self.transition_net.rank
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def init_logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        """Initial-state logits (Z',) over ``states`` (all if None)."""
+        return self.transition_net.init_logits(states)
+
+    def transition(
+        self, states: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> Factor:
+        """The transition factor over ``states`` (sorted indices; all if None) using rank
+        ``features`` (indices; all if None)."""
+        emb = self.state_emb if states is None else self.state_emb[states]
+        return self.transition_net.factor(emb, states, features)
+
     def sample_dropout(
         self, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(states, features) index subsets for one training batch (None: keep all)."""
         if not self.training:
             return None, None
+        cfg, device = self.config, self.state_emb.device
         states = features = None
-        if self.state_dropout > 0:
-            states = _subset(self.num_states, self.state_dropout, generator)
-        if self.low_rank and self.feature_dropout > 0:
-            features = _subset(self.rank, self.feature_dropout, generator)
+        if cfg.state_dropout > 0:
+            states = _subset(self.num_states, cfg.state_dropout, generator).to(device)
+        if self.rank is not None and cfg.feature_dropout > 0:
+            features = _subset(self.rank, cfg.feature_dropout, generator).to(device)
         return states, features
 
     # ---- the distribution for a batch ------------------------------------------------------
@@ -227,17 +283,14 @@ class NeuralHMM(nn.Module):
         first) with ``lengths`` (B,).  ``-dist.log_partition`` is the NLL of each sequence.
         In training mode, state/feature dropout draw from ``generator``."""
         states, features = self.sample_dropout(generator)
-        if states is not None:
-            states = states.to(self.state_emb.device)
-        if features is not None:
-            features = features.to(self.state_emb.device)
         emb = self.state_emb if states is None else self.state_emb[states]
         init = self.init_logits(states)
-        trans = self.transition(emb, states, features)
+        trans = self.transition_net.factor(emb, states, features)
         em = self.emission(emb, x)
-        if self.model == "rank_space":
+        if self.config.model == "rank_space" and isinstance(trans, LowRank):
             return RankSpaceHMM(init, trans, em, lengths)
-        return HMM(init, trans, em, lengths, memory_light=self.memory_light)
+        memory_light = self.config.memory_light and isinstance(trans, LowRank)
+        return HMM(init, trans, em, lengths, memory_light=memory_light)
 
     # ---- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -250,7 +303,7 @@ class NeuralHMM(nn.Module):
             raise ValueError(f"num must be a positive integer, got {num!r}")
         emb = self.state_emb
         init = self.init_logits().log_softmax(-1).float().cpu()
-        trans = self.transition(emb)
+        trans = self.transition()
         z = gumbel_argmax(init.expand(num, -1), generator)
         paths, obs = [], []
         for t in range(length):
@@ -261,73 +314,29 @@ class NeuralHMM(nn.Module):
             obs.append(self.emission.sample(emb[z.to(emb.device)], generator))
         return torch.stack(paths, 1), obs
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def extra_repr(self) -> str:
-        return (
-            f"model={self.model!r}, states={self.num_states}, rank={self.rank}, "
-            f"band={self.band}, state_dropout={self.state_dropout}, "
-            f"feature_dropout={self.feature_dropout}"
-        )
+        c = self.config
+        return (f"model={c.model!r}, states={c.num_states}, rank={c.rank}, band={c.band}, "
+                f"state_dropout={c.state_dropout}, feature_dropout={c.feature_dropout}")
 
 
 class HMMLanguageModel(NeuralHMM):
     """A word-level HMM language model: :class:`NeuralHMM` with a
     :class:`~lorank.nn.emissions.SoftmaxEmission` over ``vocab_size`` words.
 
-    Each sentence (ending with ``<eos>``) is one HMM sequence; ``-log_partition`` summed over
-    a batch divided by its token count (``<eos>`` included) is the per-token NLL and
-    ``exp`` of it over a corpus the perplexity.  :meth:`config` holds the constructor's
-    arguments (JSON) so a checkpoint can rebuild the model with :meth:`from_config`.
+    Build it from an :class:`HMMLMConfig` or from its fields:
+    ``HMMLanguageModel(vocab_size=10000, num_states=1024, model="lhmm")``.  Each sentence
+    (ending with ``<eos>``) is one HMM sequence; ``-log_partition`` summed over a batch divided
+    by its token count (``<eos>`` included) is the per-token NLL.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        num_states: int,
-        model: str = "lhmm",
-        rank: int | None = None,
-        band: int | None = None,
-        hidden: int = 256,
-        mlp_layers: int = 2,
-        state_dropout: float = 0.0,
-        feature_dropout: float = 0.0,
-        memory_light: bool = False,
-        init_scale: float = INIT_SCALE,
-    ):
-        super().__init__(
-            num_states,
-            SoftmaxEmission(vocab_size, hidden, mlp_layers),
-            model=model,
-            rank=rank,
-            band=band,
-            mlp_layers=mlp_layers,
-            state_dropout=state_dropout,
-            feature_dropout=feature_dropout,
-            memory_light=memory_light,
-            init_scale=init_scale,
-        )
-        self.vocab_size = vocab_size
-        self._config = {
-            "vocab_size": vocab_size,
-            "num_states": num_states,
-            "model": self.model,
-            "rank": self.rank,
-            "band": self.band,
-            "hidden": hidden,
-            "mlp_layers": mlp_layers,
-            "state_dropout": self.state_dropout,
-            "feature_dropout": self.feature_dropout,
-            "memory_light": self.memory_light,
-        }
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> HMMLanguageModel:
-        return cls(**config)
+    def __init__(self, config: HMMLMConfig | None = None, **fields):
+        config = HMMLMConfig.resolve(config, **fields)
+        if config.vocab_size is None:
+            raise ValueError("HMMLMConfig.vocab_size must be set to build a language model")
+        super().__init__(config, SoftmaxEmission(config.vocab_size, config.hidden,
+                                                 config.mlp_layers))
+        self.vocab_size = config.vocab_size
 
     @torch.no_grad()
     def generate(
@@ -341,18 +350,28 @@ class HMMLanguageModel(NeuralHMM):
         (included) or at ``max_length`` tokens."""
         _, obs = self.sample_paths(num, max_length, generator)
         words = torch.stack(obs, 1).tolist()
-        out = []
-        for row in words:
-            out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-        return out
+        return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in words]
+
+
+class MusicHMM(NeuralHMM):
+    """A polyphonic-music HMM: :class:`NeuralHMM` with a
+    :class:`~lorank.nn.emissions.Bernoulli88Emission` over the 88 piano keys."""
+
+    def __init__(self, config: MusicHMMConfig | None = None, **fields):
+        config = MusicHMMConfig.resolve(config, **fields)
+        head = Bernoulli88Emission(config.hidden, mlp_layers=config.emission_layers)
+        super().__init__(config, head)
 
 
 __all__ = [
     "MODELS",
     "DEFAULT_BAND",
-    "INIT_SCALE",
+    "HMMConfig",
+    "HMMLMConfig",
+    "MusicHMMConfig",
+    "TransitionNet",
+    "MLPTransition",
     "NeuralHMM",
     "HMMLanguageModel",
-    "canonical_model",
-    "default_rank",
+    "MusicHMM",
 ]

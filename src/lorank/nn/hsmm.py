@@ -9,43 +9,67 @@ the softmax-transition baseline.  The loss is ``-dist.log_partition.sum() / num_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from lorank.config import Config, option
 from lorank.distributions.hsmm import HSMM, gaussian_emission, poisson_duration
 from lorank.factors import Dense, Factor, LowRank, orthogonal_random_features
+
+HSMM_MODELS = ("lhsmm", "hsmm")
+
+
+@dataclass(frozen=True)
+class HSMMConfig(Config):
+    """Settings of an :class:`LHSMM` (``obs_dim`` comes from the data)."""
+
+    model: str = option("lhsmm", "lhsmm (low-rank transition) or hsmm (dense softmax)",
+                        choices=HSMM_MODELS)
+    num_states: int = option(64, "number of states Z", flag="--states")
+    rank: int | None = option(None, "rank R of lhsmm (default min(8, Z))")
+    max_duration: int = option(20, "longest segment K")
+    emb_dim: int = option(64, "state-embedding size of the transition features")
+    obs_dim: int = option(1, "observation size D", cli=False)
+
+    def __post_init__(self) -> None:
+        model = self._choice("model", HSMM_MODELS, {"dense": "hsmm", "lowrank": "lhsmm"})
+        self._positive_int("num_states", "max_duration", "emb_dim", "obs_dim")
+        if model == "hsmm":
+            if self.rank is not None:
+                raise self._error("rank", "rank applies to the low-rank 'lhsmm', not the dense "
+                                          "'hsmm'")
+            return
+        self._positive_int("rank", optional=True)
+        if self.rank is None:
+            self._set("rank", min(8, self.num_states))
+        if self.rank > self.num_states:
+            raise self._error("rank", f"rank ({self.rank}) must be at most the number of "
+                                      f"states ({self.num_states})")
 
 
 class LHSMM(nn.Module):
     """Low-rank HSMM with Poisson durations and Gaussian emissions.
 
-    Args:
-        num_states: Z (the paper: 1024).
-        obs_dim: D, the observation size.
-        rank: R of the transition (the paper: 16); ignored with ``dense=True``.
-        max_duration: K (the paper: 20).
-        emb_dim: state-embedding size for the transition features.
-        dense: use a dense softmax transition instead.
-        init_data: optional (N, D) observations to initialize the means (random rows) and
-            scales (their standard deviation).
+    Build it from an :class:`HSMMConfig` or its fields (the paper: Z=1024, R=16, K=20;
+    ``model="hsmm"`` is the dense softmax-transition baseline).  ``init_data``: optional
+    (N, D) observations to initialize the means (random rows) and scales (their standard
+    deviation); ``seed`` seeds the initialization.
     """
 
     def __init__(
         self,
-        num_states: int,
-        obs_dim: int,
-        rank: int = 16,
-        max_duration: int = 20,
-        emb_dim: int = 64,
-        dense: bool = False,
+        config: HSMMConfig | None = None,
         init_data: torch.Tensor | None = None,
         seed: int | None = None,
+        **fields,
     ):
         super().__init__()
-        for name, v in (("num_states", num_states), ("obs_dim", obs_dim), ("rank", rank),
-                        ("max_duration", max_duration), ("emb_dim", emb_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        config = HSMMConfig.resolve(config, **fields)
+        self.config = config
+        num_states, obs_dim, emb_dim = config.num_states, config.obs_dim, config.emb_dim
+        rank, max_duration, dense = config.rank or 1, config.max_duration, config.model == "hsmm"
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         z, d = num_states, obs_dim
         self.num_states, self.obs_dim, self.max_duration = z, d, max_duration
@@ -94,19 +118,4 @@ class LHSMM(nn.Module):
         return -dist.log_partition.sum() / dist.lengths.sum()
 
 
-def sequence_windows(series: torch.Tensor, length: int, stride: int | None = None,
-                     standardize: bool = True) -> torch.Tensor:
-    """Cut a (N, D) (or (N,)) series into overlapping windows (W, length, D) for training,
-    standardized per feature with the series' own mean and standard deviation."""
-    x = series.float()
-    if x.dim() == 1:
-        x = x.unsqueeze(-1)
-    if standardize:
-        x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
-    stride = stride or length
-    if x.shape[0] < length:
-        raise ValueError(f"series has {x.shape[0]} steps, fewer than one window of {length}")
-    return x.unfold(0, length, stride).transpose(1, 2).contiguous()
-
-
-__all__ = ["LHSMM", "sequence_windows"]
+__all__ = ["LHSMM", "HSMMConfig", "HSMM_MODELS"]

@@ -18,14 +18,19 @@ covers all symbols, so one-word sentences have a preterminal root.  The language
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from lorank.config import Config, option
 from lorank.distributions.pcfg import PCFG, generate
 from lorank.factors import orthogonal_random_features
 from lorank.rules import CPRules, DenseRules, LowRankRules, RankSpaceRules, Rules
 
 RULE_TYPES = ("dense", "low_rank", "cp", "rank_space")
+RULE_ALIASES = {"lpcfg": "low_rank", "lowrank": "low_rank", "tn": "cp", "tnpcfg": "cp",
+                "tn_pcfg": "cp", "rankspace": "rank_space", "kim": "dense"}
 
 
 class ResidualMLP(nn.Module):
@@ -47,38 +52,50 @@ class ResidualMLP(nn.Module):
         return self.out(h)
 
 
+@dataclass(frozen=True)
+class PCFGConfig(Config):
+    """Settings of a :class:`NeuralPCFG` (``vocab_size`` comes from the corpus)."""
+
+    rule_type: str = option("dense", "dense, low_rank, cp or rank_space", flag="--rules",
+                            choices=RULE_TYPES)
+    num_nonterminals: int = option(30, "nonterminals m", flag="--nonterminals")
+    num_preterminals: int = option(60, "preterminals p", flag="--preterminals")
+    rank: int | None = option(None, "rank of low_rank/cp/rank_space rules (default 64)")
+    hidden: int = option(256, "embedding size")
+    vocab_size: int | None = option(None, "number of word types V", cli=False)
+    max_length: int | None = option(None, "longest sentence accepted", cli=False)
+
+    def __post_init__(self) -> None:
+        rt = self._choice("rule_type", RULE_TYPES, RULE_ALIASES)
+        self._positive_int("num_nonterminals", "num_preterminals", "hidden")
+        self._positive_int("vocab_size", "max_length", optional=True)
+        if rt == "dense":
+            if self.rank is not None:
+                raise self._error("rank", "rank applies to factored rules (low_rank, cp, "
+                                          "rank_space), not to dense rules")
+        else:
+            self._positive_int("rank", optional=True)
+            if self.rank is None:
+                self._set("rank", 64)
+
+
 class NeuralPCFG(nn.Module):
     """A neural PCFG language model with dense, low-rank, CP or rank-space rules.
 
-    Args:
-        vocab_size: number of word types V.
-        num_nonterminals: m (default 30, as Kim et al.).
-        num_preterminals: p (default 60).
-        hidden: embedding / MLP width.
-        rule_type: "dense", "low_rank", "cp" or "rank_space".
-        rank: rank R of the factored rules (ignored for dense).
-        max_length: optional longest sentence accepted (longer ones raise ValueError).
+    Build it from a :class:`PCFGConfig` or from its fields:
+    ``NeuralPCFG(vocab_size=10000, rule_type="cp", rank=64)``.  ``seed`` seeds the
+    parameter initialization (None: the global generator).
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        num_nonterminals: int = 30,
-        num_preterminals: int = 60,
-        hidden: int = 256,
-        rule_type: str = "dense",
-        rank: int = 64,
-        max_length: int | None = None,
-        seed: int | None = None,
-    ):
+    def __init__(self, config: PCFGConfig | None = None, seed: int | None = None, **fields):
         super().__init__()
-        if rule_type not in RULE_TYPES:
-            raise ValueError(f"rule_type must be one of {RULE_TYPES}, got {rule_type!r}")
-        for name, v in (("vocab_size", vocab_size), ("num_nonterminals", num_nonterminals),
-                        ("num_preterminals", num_preterminals), ("hidden", hidden),
-                        ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        config = PCFGConfig.resolve(config, **fields)
+        if config.vocab_size is None:
+            raise ValueError("PCFGConfig.vocab_size must be set to build a NeuralPCFG")
+        self.config = config
+        vocab_size, hidden, rank = config.vocab_size, config.hidden, config.rank or 1
+        rule_type, max_length = config.rule_type, config.max_length
+        num_nonterminals, num_preterminals = config.num_nonterminals, config.num_preterminals
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         m, p = num_nonterminals, num_preterminals
         s = m + p
@@ -160,4 +177,4 @@ class NeuralPCFG(nn.Module):
                         max_length=max_length, generator=generator)
 
 
-__all__ = ["NeuralPCFG", "ResidualMLP", "RULE_TYPES"]
+__all__ = ["NeuralPCFG", "PCFGConfig", "ResidualMLP", "RULE_TYPES"]

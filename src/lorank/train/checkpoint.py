@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from lorank._io import atomic_save_tensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: 2: configs are dataclass dicts; NeuralHMM has transition_net
 META_KEY = "lorank"
 #: the full training state (resumable)
 CHECKPOINT_NAME = "checkpoint.safetensors"

@@ -1,6 +1,6 @@
 """Data parallelism over processes: one context object, set up from ``torchrun``'s variables.
 
-``torchrun --nproc_per_node N -m lorank.cli train ...`` sets ``RANK``, ``WORLD_SIZE``,
+``torchrun --nproc_per_node N -m lorank train ...`` sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :meth:`DistContext.from_env` then joins
 the process group with ``nccl`` on GPUs and ``gloo`` on CPUs.  Without those variables (or with
 ``WORLD_SIZE=1``) everything runs in one process and the collectives are no-ops.

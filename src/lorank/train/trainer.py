@@ -19,12 +19,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorank.config import Config, option
 from lorank.train.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -36,52 +37,61 @@ from lorank.train.checkpoint import (
 )
 from lorank.train.distributed import DistContext
 from lorank.train.metrics import Throughput, write_metrics
-from lorank.train.tasks import Task
+
+if TYPE_CHECKING:  # the protocol the trainer calls; tasks live above this package
+    from lorank.tasks.base import Task
 
 
-@dataclass
-class TrainConfig:
-    """Options of the training loop (the task holds the data and model options)."""
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Options of the training loop (the task's configs hold the data and model options)."""
 
-    out: str = "runs/lm"
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 1024  #: sequences per micro-batch (per process)
-    max_tokens: int | None = 4096  #: cap on padded units per micro-batch
-    eval_batch_size: int | None = None
-    eval_max_tokens: int | None = None
-    accumulate: int = 1  #: micro-batches per optimizer step (per process)
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    clip: float = 5.0
-    lr_factor: float = 0.5
-    patience: int = 1  #: evaluations without improvement before the lr is cut
-    min_lr: float = 1e-5
-    eval_per_epoch: int = 4
-    eval_every: int | None = None  #: steps between evaluations (overrides eval_per_epoch)
-    eval_test: bool = True  #: evaluate the best model on the test split at the end
-    checkpoint_every: int | None = None  #: also checkpoint every this many steps
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    progress: bool = True
-    threads: int | None = None
+    out: str | None = option(None, "output directory (default runs/<model>; the main job: "
+                                   "runs/main)")
+    epochs: int = option(1, "passes over the training data")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    batch_size: int = option(1024, "sequences per batch and process (--max-tokens binds first "
+                                   "for all but the shortest sequences)")
+    max_tokens: int | None = option(4096, "cap on padded units (sequences x longest) per batch")
+    eval_batch_size: int | None = option(None, "batch size of evaluation (default "
+                                               "--batch-size)", compute_only=True)
+    eval_max_tokens: int | None = option(None, "cap of evaluation batches (default "
+                                               "--max-tokens)", compute_only=True)
+    accumulate: int = option(1, "batches per optimizer step (per process)")
+    lr: float = option(1e-2, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(5.0, "gradient-norm clipping")
+    lr_factor: float = option(0.5, "reduce-on-plateau factor")
+    patience: int = option(1, "evaluations without improvement before the lr is reduced")
+    min_lr: float = option(1e-5, "smallest learning rate of the schedule")
+    eval_per_epoch: int = option(4, "evaluations per epoch")
+    eval_every: int | None = option(None, "steps between evaluations (overrides "
+                                          "--eval-per-epoch)")
+    eval_test: bool = option(True, "evaluate the best model on the test split at the end",
+                             flag="--test", compute_only=True)
+    checkpoint_every: int | None = option(None, "also checkpoint every this many steps",
+                                          compute_only=True)
+    seed: int = option(0, "random seed (initialization, batch order, dropout)")
+    resume: bool = option(False, "continue the run in --out (its own settings are reused)",
+                          compute_only=True)
+    overwrite: bool = option(False, "start over even if --out holds a checkpoint",
+                             compute_only=True)
+    device: str = option("auto", "auto (cuda if present), cpu, cuda, cuda:1", compute_only=True)
+    progress: bool = option(True, "progress bar (on a terminal) and periodic log lines",
+                            compute_only=True)
+    threads: int | None = option(None, "torch CPU threads", compute_only=True)
 
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "accumulate", "eval_per_epoch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("max_steps", "max_tokens", "eval_batch_size", "eval_max_tokens",
-                     "eval_every", "checkpoint_every", "threads"):  # fmt: skip
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.clip > 0:
-            raise ValueError(f"clip must be > 0, got {self.clip!r}")
+    def __post_init__(self) -> None:
+        self._positive_int("epochs", "batch_size", "accumulate", "eval_per_epoch", "patience")
+        self._positive_int("max_steps", "max_tokens", "eval_batch_size", "eval_max_tokens",
+                           "eval_every", "checkpoint_every", "threads", optional=True)
+        self._positive_float("lr", "clip", "min_lr")
+        self._probability("lr_factor")
+        if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
+            raise self._error("weight_decay", f"weight_decay must be >= 0, got "
+                                              f"{self.weight_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise self._error("seed", f"seed must be an integer, got {self.seed!r}")
 
 
 @dataclass
@@ -99,6 +109,23 @@ class TrainState:
     window_nll: float = 0.0  #: training NLL / units since the last evaluation (global)
     window_units: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_resumable(meta: dict[str, Any], task: Task, path: Path | str) -> None:
+    """Raise unless the checkpoint ``meta`` was written by the same task with the same data
+    and model settings; the error names the fields that differ (compute-only ones may)."""
+    if meta.get("task") != task.name:
+        raise ValueError(f"cannot resume {str(path)!r}: it is a {meta.get('task')!r} run, not "
+                         f"{task.name!r}")
+    for key in ("data_config", "model_config"):
+        mine = getattr(task, key)
+        theirs = type(mine).from_dict(meta[key])
+        diff = mine.differences(theirs)
+        if diff:
+            shown = ", ".join(f"{f}: {getattr(theirs, f)!r} in the run, {getattr(mine, f)!r} now"
+                              for f in diff)
+            raise ValueError(f"cannot resume {str(path)!r} with different settings ({shown}); "
+                             f"resume without these options, or start a new run (--out)")
 
 
 def step_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -127,21 +154,22 @@ class Trainer:
     """
 
     def __init__(self, task: Task, config: TrainConfig, dist: DistContext | None = None):
-        config.validate()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.task = task
         self.config = config
         self.dist = dist
         self.model: nn.Module | None = None
         self.state = TrainState()
-        self.out = Path(config.out)
+        self.out = Path(config.out or f"runs/{task.model_name()}")
 
     # ---- set-up ----------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         return {
             "task": self.task.name,
-            "data_config": self.task.data_config,
-            "model_config": self.task.model_config,
-            "train_config": asdict(self.config),
+            "data_config": self.task.data_config.to_dict(),
+            "model_config": self.task.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
             "task_meta": self.task.metadata(),
             "state": asdict(self.state),
             "summary": self.task.summary(self.model),
@@ -168,7 +196,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.patience,
             min_lr=cfg.min_lr,
-        )  # fmt: skip
+        )
         self.best_state: dict[str, torch.Tensor] | None = None
         if cfg.resume and ckpt.exists():
             self._load(ckpt)
@@ -182,23 +210,19 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path, device=self.dist.device)
-        for key in ("task", "data_config", "model_config"):
-            have = self.task.name if key == "task" else getattr(self.task, key)
-            if meta.get(key) != have:
-                raise ValueError(
-                    f"cannot resume {str(path)!r}: its {key} {meta.get(key)!r} differs from "
-                    f"this run's {have!r}"
-                )
+        check_resumable(meta, self.task, path)
         self.task.check_metadata(meta)
-        self.model.load_state_dict(model_state(tensors))
+        version = int(meta.get("format_version", 1))
+        self.model.load_state_dict(self.task.upgrade_state(model_state(tensors), version))
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.state = TrainState(**meta["state"])
         restore_rng(tensors)
         best = self.out / BEST_NAME
         if best.exists():
-            bt, _ = load_checkpoint(best)
-            self.best_state = model_state(bt)
+            bt, bmeta = load_checkpoint(best)
+            self.best_state = self.task.upgrade_state(model_state(bt),
+                                                      int(bmeta.get("format_version", 1)))
 
     # ---- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -280,7 +304,7 @@ class Trainer:
         if improved:
             st.best, st.best_step = value, st.step
             self.best_state = {k: v.detach().cpu().clone()
-                               for k, v in self.model.state_dict().items()}  # fmt: skip
+                               for k, v in self.model.state_dict().items()}
         rate = st.units / st.train_seconds if st.train_seconds > 0 else 0.0
         st.history.append({
             "step": st.step,
@@ -289,7 +313,7 @@ class Trainer:
             f"train_{metric}": train_value,
             "lr": self.optimizer.param_groups[0]["lr"],
             f"{self.task.unit}_per_s": rate,
-        })  # fmt: skip
+        })
         if d.is_main:
             tqdm.write(
                 f"step {st.step}: val {metric} {value:.2f}"
@@ -326,10 +350,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "device": str(self.dist.device),
             "history": st.history,
-            "data_config": self.task.data_config,
-            "model_config": self.task.model_config,
-            "train_config": asdict(self.config),
-        })  # fmt: skip
+            "data_config": self.task.data_config.to_dict(),
+            "model_config": self.task.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+        })
         if test is not None:
             out[f"test_{metric}"] = test[metric]
         return out
@@ -351,7 +375,7 @@ class Trainer:
         eval_every = cfg.eval_every or max(1, self._steps_per_epoch // cfg.eval_per_epoch)
         bar = tqdm(total=total, initial=min(st.step, total), unit="step", dynamic_ncols=True,
                    disable=True if not (cfg.progress and d.is_main) else None,
-                   leave=False)  # fmt: skip  (None: no bar when stderr is not a terminal)
+                   leave=False)  # None: no bar off a terminal
         thr = Throughput(st.units, st.train_seconds)
         while st.step < total:
             it = iter(self._train_batches(st.epoch))
@@ -401,4 +425,4 @@ class Trainer:
         return metrics
 
 
-__all__ = ["Trainer", "TrainConfig", "TrainState", "step_generator"]
+__all__ = ["Trainer", "TrainConfig", "TrainState", "step_generator", "check_resumable"]

@@ -14,12 +14,12 @@ from brute import brute_hmm, reference_log_transition
 
 music21 = pytest.importorskip("music21")
 
-import lorank.train.music_task  # noqa: E402,F401  (registers the task)
 from lorank.cli import main  # noqa: E402
+from lorank.config import ConfigError  # noqa: E402
 from lorank.data.music import split_of  # noqa: E402
 from lorank.nn.emissions import Bernoulli88Emission  # noqa: E402
-from lorank.nn.hmm import NeuralHMM  # noqa: E402
-from lorank.train.music_task import MusicTask, midi_name, roll_to_text  # noqa: E402
+from lorank.nn.hmm import MusicHMM, MusicHMMConfig  # noqa: E402
+from lorank.tasks.music import MusicDataConfig, MusicTask, midi_name, roll_to_text  # noqa: E402
 from lorank.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 F64 = torch.float64
@@ -75,8 +75,8 @@ def test_bernoulli_emission_rejects_bad_rolls():
 @pytest.mark.parametrize("model", ["hmm", "lhmm", "lhmm_band", "rank_space"])
 def test_neural_hmm_with_bernoulli_head_matches_brute_force(gen, model):
     torch.manual_seed(0)
-    hmm = NeuralHMM(3, Bernoulli88Emission(hidden=8), model=model, rank=2,
-                    band=1 if model == "lhmm_band" else None).double().eval()  # fmt: skip
+    hmm = MusicHMM(num_states=3, hidden=8, model=model, rank=None if model == "hmm" else 2,
+                   band=1 if model == "lhmm_band" else None).double().eval()
     x = (torch.rand(2, 4, 88, generator=gen) < 0.2).double()
     lengths = torch.tensor([4, 2])
     got = hmm(x, lengths).log_partition
@@ -135,16 +135,16 @@ def music_dir(tmp_path_factory):
 def _train_args(corpus, out, *extra):
     return ["train", "--task", "music", "--corpus", str(corpus), "--out", str(out),
             "--no-progress", "--threads", "1", "--hidden", "16", "--states", "16",
-            "--batch-size", "4", "--lr", "0.05", "--eval-per-epoch", "1", *extra]  # fmt: skip
+            "--batch-size", "4", "--lr", "0.05", "--eval-per-epoch", "1", *extra]
 
 
 def test_train_eval_sample_through_the_cli(music_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train_args(music_dir, out, "--model", "lhmm", "--rank", "4", "--epochs",
-                            "12")) == 0  # fmt: skip
+                            "12")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "music" and m["metric"] == "nll_per_step"
-    assert (m["model"], m["states"], m["rank"]) == ("lhmm", 16, 4)
+    assert (m["model"], m["num_states"], m["rank"]) == ("lhmm", 16, 4)
     for key in ("val_nll_per_step", "test_nll_per_step", "last_val_nll_per_step"):
         assert math.isfinite(m[key]) and m[key] > 0, key
     assert m["steps_per_s"] > 0 and m["pieces"] == {"train": 8, "valid": 3, "test": 3}
@@ -163,7 +163,7 @@ def test_train_eval_sample_through_the_cli(music_dir, tmp_path, capsys):
     assert ev["task"] == "music"
     assert ev["valid_nll_per_step"] == pytest.approx(m["val_nll_per_step"], rel=1e-5)
     assert ev["test_nll_per_step"] == pytest.approx(m["test_nll_per_step"], rel=1e-5)
-    task = MusicTask(m["data_config"], m["model_config"])
+    task = MusicTask.from_dicts(m["data_config"], m["model_config"])
     task.load_data()
     assert ev["valid_steps"] == sum(r.shape[0] for r in task.corpus.valid)
 
@@ -174,12 +174,11 @@ def test_train_eval_sample_through_the_cli(music_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("model", ["hmm", "rank_space"])
 def test_other_transitions_train(music_dir, tmp_path, model):
-    config = {"model": model, "num_states": 8, "rank": None if model == "hmm" else 2,
-              "hidden": 8, "emission_layers": 0}  # fmt: skip
-    MusicTask.check_model_config(config)
-    task = MusicTask({"corpus": str(music_dir)}, config)
+    config = MusicHMMConfig(model=model, num_states=8, rank=None if model == "hmm" else 2,
+                            hidden=8, emission_layers=0)
+    task = MusicTask(MusicDataConfig(corpus=str(music_dir)), config)
     cfg = TrainConfig(out=str(tmp_path / model), epochs=2, batch_size=4, lr=0.05,
-                      eval_every=2, progress=False, eval_test=False)  # fmt: skip
+                      eval_every=2, progress=False, eval_test=False)
     m = Trainer(task, cfg).fit()
     assert m["steps"] == 4 and len(m["history"]) == 2
     assert m["history"][1]["val_nll_per_step"] < m["history"][0]["val_nll_per_step"]
@@ -191,13 +190,13 @@ def test_config_errors_and_data_mismatch(music_dir, tmp_path, capsys):
                      ({"model": "lhmm", "num_states": 8, "emission_layers": -1},
                       "emission_layers must be a nonnegative"),
                      ({"model": "lhmm", "num_states": 8, "hidden": 0}, "hidden must be"),
-                     ({"model": "crf", "num_states": 8}, "unknown model")]:  # fmt: skip
-        with pytest.raises(ValueError, match=msg):
-            MusicTask.check_model_config(dict(bad))
+                     ({"model": "crf", "num_states": 8}, "unknown model")]:
+        with pytest.raises(ConfigError, match=msg):
+            MusicHMMConfig(**bad)
     with pytest.raises(SystemExit) as err:
         main(_train_args(music_dir, tmp_path / "x", "--rank", "99"))
     assert err.value.code == 2 and "rank (99)" in capsys.readouterr().err
-    task = MusicTask({"corpus": str(music_dir)}, {})
+    task = MusicTask(MusicDataConfig(corpus=str(music_dir)), MusicHMMConfig())
     task.load_data()
     meta = {"data_config": {"corpus": str(music_dir)}, "task_meta": task.metadata()}
     task.check_metadata(meta)
@@ -205,7 +204,7 @@ def test_config_errors_and_data_mismatch(music_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="different pieces"):
         task.check_metadata(meta)
     with pytest.raises(RuntimeError, match="load_data"):
-        MusicTask({"corpus": "bach"}, {}).batches("train", batch_size=2)
+        MusicTask(MusicDataConfig(), MusicHMMConfig()).batches("train", batch_size=2)
 
 
 @pytest.mark.slow
@@ -213,11 +212,10 @@ def test_lhmm_beats_independent_keys_on_bach_chorales(tmp_path, monkeypatch):
     """The issue's acceptance check on real chorales (10 of them, parsed into a fresh cache):
     a trained LHMM has a lower validation NLL per step than per-key Bernoulli marginals."""
     monkeypatch.setenv("LORANK_CACHE", str(tmp_path / "cache"))
-    config = {"model": "lhmm", "num_states": 64, "rank": 16, "hidden": 32}
-    MusicTask.check_model_config(config)
-    task = MusicTask({"corpus": "bach", "max_pieces": 10}, config)
+    config = MusicHMMConfig(model="lhmm", num_states=64, rank=16, hidden=32)
+    task = MusicTask(MusicDataConfig(corpus="bach", max_pieces=10), config)
     cfg = TrainConfig(out=str(tmp_path / "run"), epochs=12, batch_size=4, lr=0.03,
-                      eval_per_epoch=1, progress=False, eval_test=False, threads=1)  # fmt: skip
+                      eval_per_epoch=1, progress=False, eval_test=False, threads=1)
     m = Trainer(task, cfg).fit()
     base = m["baselines"]["independent_keys"]["val_nll_per_step"]
     assert m["pieces"]["valid"] >= 1
@@ -230,4 +228,5 @@ def test_cli_accepts_built_in_music_corpus_names(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORANK_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit) as err:
         main(_train_args("bach", tmp_path / "r", "--grid", "0"))
-    assert err.value.code == 2 and "grid must be > 0" in capsys.readouterr().err
+    assert err.value.code == 2 and "--grid: grid must be a finite number > 0" in \
+        capsys.readouterr().err

@@ -1,8 +1,7 @@
 """``lorank compress``: compress a model directory and write the result, report included.
 
-Standalone: ``python -m lorank.compress.cli MODEL_DIR -o OUT --method whitened
---param-reduction 0.4 --calib-text sentences.txt``.  The ``lorank`` CLI
-(``lorank compress``) wires it in with :func:`add_parser` and :func:`run`.
+``lorank compress MODEL_DIR -o OUT --method whitened --param-reduction 0.4 --calib-text
+sentences.txt``.  The output directory must lie outside the input.
 
 Inputs understood:
 
@@ -15,7 +14,8 @@ Inputs understood:
   file).  For a neural HMM (``lorank.nn.NeuralHMM``, e.g. the dense ``hmm`` language model)
   ``--rank R`` replaces its transition by a rank-R nonnegative factorization
   (:func:`lorank.compress.compress_hmm`); other lorank models get the layer compression
-  selected by the options.  ``load_compressed(OUT)`` rebuilds either.
+  selected by the options.  ``lorank eval OUT`` / ``lorank sample OUT`` use the result and
+  ``lorank.tasks.load_run(OUT)`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ from pathlib import Path
 
 import torch
 
+from lorank._io import atomic_write_bytes, atomic_write_json
 from lorank.compress.config import LAYER_TYPES, METHODS, CompressConfig
 from lorank.compress.core import compress, output_tensor
+from lorank.compress.hmm import compress_hmm
 from lorank.compress.io import save_compressed
+from lorank.nn.hmm import NeuralHMM
+from lorank.tasks import load_run
+from lorank.train.checkpoint import FORMAT_VERSION
 
-__all__ = ["add_parser", "run", "main", "build_parser"]
+__all__ = ["add_parser", "run"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
 
@@ -83,12 +88,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _configure(p)
     p.set_defaults(func=run)
     return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _configure(argparse.ArgumentParser(
-        prog="lorank compress", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def _config_from_args(args) -> CompressConfig:
@@ -158,40 +157,27 @@ def _is_lorank_checkpoint(src: Path) -> bool:
         (src / n).is_file() for n in ("model.safetensors", "checkpoint.safetensors"))
 
 
-def load_lorank_checkpoint(path: str | Path, base: dict | None = None):
-    """(model, base) of a lorank training checkpoint; ``base`` (as stored by
-    :func:`save_compressed`) may replace the checkpoint's own configs."""
-    from lorank.train.checkpoint import load_checkpoint, model_state
-    from lorank.train.tasks import get_task
-
-    if base is None:
-        tensors, meta = load_checkpoint(path)
-        state = model_state(tensors)
-    else:
-        meta, state = base, None
-    task = get_task(meta["task"])(dict(meta["data_config"]), dict(meta["model_config"]))
-    model = task.build_model()
-    if state is not None:
-        model.load_state_dict(state)
-    model.eval()
-    info = {"kind": "lorank", "task": meta["task"], "data_config": meta["data_config"],
-            "model_config": meta["model_config"]}
-    return model, info
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether ``b`` is ``a`` or lies inside it (or the reverse)."""
+    ra, rb = a.resolve(), b.resolve()
+    ra = ra.parent if ra.is_file() else ra
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 def _run_lorank(args, src: Path, config: CompressConfig):
-    from lorank.compress.hmm import compress_hmm
-
-    model, base = load_lorank_checkpoint(src)
+    task, model, meta = load_run(src)
+    base = {"kind": "lorank", "format_version": FORMAT_VERSION, "task": task.name,
+            "data_config": task.data_config.to_dict(),
+            "model_config": task.model_config.to_dict(),
+            "task_meta": meta.get("task_meta", {})}
     if args.calib_text:
         raise ValueError("--calib-text is for Hugging Face directories; use the Python API "
                          "(calibration=...) for lorank models")
-    if hasattr(model, "num_states") and callable(getattr(model, "transition", None)):
+    if isinstance(model, NeuralHMM):
         if args.rank is None:
-            raise ValueError("a lorank HMM checkpoint takes --rank R: the rank of the "
-                             "nonnegative factorization of its transition")
+            raise ValueError("a lorank HMM run takes --rank R: the rank of the nonnegative "
+                             "factorization of its transition")
         model, info = compress_hmm(model, args.rank, inplace=True)
-        base["hmm_transition_rank"] = info["rank"]
         return model, None, base, info
     if config.data_aware:
         raise ValueError(f"--method {config.method} needs calibration data: use the Python "
@@ -212,6 +198,10 @@ def run(args) -> int:
         print(f"lorank compress: {src} has no config.json (not a model directory)",
               file=sys.stderr)
         return 2
+    if _same_place(src, Path(args.out)):
+        print(f"lorank compress: the output {args.out} is (inside) the input {src}: writing "
+              f"there would overwrite the trained model; choose another -o", file=sys.stderr)
+        return 2
     try:
         config = _config_from_args(args)
         if lorank_ckpt:
@@ -219,11 +209,10 @@ def run(args) -> int:
             out = Path(args.out)
             save_compressed(model, out, report, base=base)
             if hmm_info is not None:
-                text = json.dumps(hmm_info, indent=2)
-                (out / "compress_report.json").write_text(text + "\n")
-                print(text)
+                atomic_write_json(out / "compress_report.json", hmm_info)
+                print(json.dumps(hmm_info, indent=2))
             else:
-                (out / "compress_report.md").write_text(report.table() + "\n")
+                atomic_write_bytes(out / "compress_report.md", (report.table() + "\n").encode())
                 print(report.to_json() if args.json else report.table())
             print(f"wrote {out}", file=sys.stderr)
             return 0
@@ -252,16 +241,7 @@ def run(args) -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, dest)
     save_compressed(model, out, report, base=base)
-    (out / "compress_report.md").write_text(report.table() + "\n")
+    atomic_write_bytes(out / "compress_report.md", (report.table() + "\n").encode())
     print(report.to_json() if args.json else report.table())
     print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-import lorank.train.structure_tasks  # noqa: F401  (registers the tasks)
 from lorank.cli import main
+from lorank.config import ConfigError
 from lorank.data import series
-from lorank.train.structure_tasks import HSMMTask, PCFGTask
-from lorank.train.trainer import TrainConfig, Trainer
+from lorank.nn.hsmm import HSMMConfig
+from lorank.nn.pcfg import PCFGConfig
+from lorank.tasks import HSMMTask, PCFGDataConfig, PCFGTask, SeriesDataConfig
 
 COMMON = ["--no-progress", "--threads", "1"]
 
@@ -26,7 +27,7 @@ def _pcfg_args(corpus, out, rules, *extra):
     return ["train", "--task", "pcfg", "--corpus", str(corpus), "--out", str(out),
             "--rules", rules, "--nonterminals", "4", "--preterminals", "6", "--hidden", "16",
             *rank, "--epochs", "3", "--max-steps", "8", "--batch-size", "16", "--eval-every",
-            "4", "--lr", "0.03", *COMMON, *extra]  # fmt: skip
+            "4", "--lr", "0.03", *COMMON, *extra]
 
 
 @pytest.mark.parametrize("rules", ["dense", "low_rank", "cp", "rank_space"])
@@ -52,20 +53,21 @@ def test_pcfg_units_eval_round_trip_and_sampling(tiny_corpus, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["valid_ppl"] == pytest.approx(m["val_ppl"], rel=1e-5)
     # the unit count is the text's tokens incl. <eos>, as for the HMM language models
-    task = PCFGTask(m["data_config"], m["model_config"])
+    task = PCFGTask.from_dicts(m["data_config"], m["model_config"])
     task.load_data()
     assert ev["valid_tokens"] == int(task.corpus.lengths("valid").sum())
     assert ev["valid_ppl"] == pytest.approx(math.exp(ev["valid_nll"] / ev["valid_tokens"]))
     assert main(["sample", str(out), "--num", "3", "--max-length", "6", "--seed", "1",
-                 "--device", "cpu"]) == 0  # fmt: skip
+                 "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     vocab = set(task.corpus.vocab.itos)
     assert len(lines) == 3 and all(1 <= len(s.split()) <= 6 and set(s.split()) <= vocab
-                                   for s in lines)  # fmt: skip
+                                   for s in lines)
 
 
 def test_pcfg_eval_max_length_and_errors(tiny_corpus, tmp_path, capsys):
-    task = PCFGTask({"corpus": str(tiny_corpus), "max_length": 5, "eval_max_length": 4}, {})
+    task = PCFGTask(PCFGDataConfig(corpus=str(tiny_corpus), max_length=5, eval_max_length=4),
+                    PCFGConfig())
     task.load_data()
     train, valid = task.sentences("train"), task.sentences("valid")
     assert max(s.numel() for s in train) <= 5 and max(s.numel() for s in valid) <= 4
@@ -73,14 +75,13 @@ def test_pcfg_eval_max_length_and_errors(tiny_corpus, tmp_path, capsys):
     assert task.dropped["valid"] == sum(n > 4 for n in full) > 0
     assert all(int(s[-1]) != 1 for s in valid)  # no <eos> id inside the grammar's strings
     for bad, msg in [({"rule_type": "dense", "rank": 4}, "rank applies"),
-                     ({"rule_type": "sparse"}, "unknown rules"),
-                     ({"rule_type": "cp", "rank": 0}, "rank must be a positive")]:  # fmt: skip
+                     ({"rule_type": "sparse"}, "unknown rule_type"),
+                     ({"rule_type": "cp", "rank": 0}, "rank must be a positive")]:
         cfg = {"num_nonterminals": 4, "num_preterminals": 4, "hidden": 8, **bad}
-        with pytest.raises(ValueError, match=msg):
-            PCFGTask.check_model_config(cfg)
-    cfg = {"rule_type": "TN-PCFG", "num_nonterminals": 4, "num_preterminals": 4, "hidden": 8}
-    PCFGTask.check_model_config(cfg)
-    assert cfg["rule_type"] == "cp" and cfg["rank"] == 64
+        with pytest.raises(ConfigError, match=msg):
+            PCFGConfig(**cfg)
+    cfg = PCFGConfig(rule_type="TN-PCFG", num_nonterminals=4, num_preterminals=4, hidden=8)
+    assert cfg.rule_type == "cp" and cfg.rank == 64
     with pytest.raises(SystemExit) as err:
         main(_pcfg_args(tiny_corpus, tmp_path / "x", "dense", "--rank", "3"))
     assert err.value.code == 2 and "rank applies" in capsys.readouterr().err
@@ -100,9 +101,9 @@ def co2_file(tmp_path):
         for _ in range(int(torch.randint(4, 13, (1,), generator=g))):
             t = len(vals)
             vals.append(315 + 0.02 * t + 2 * math.sin(2 * math.pi * t / 52) + level
-                        + 0.05 * float(torch.randn(1, generator=g)))  # fmt: skip
+                        + 0.05 * float(torch.randn(1, generator=g)))
     rows = ["date,co2"] + [f"{i},{'' if i % 97 == 5 else f'{v:.4f}'}"
-                           for i, v in enumerate(vals[:700])]  # fmt: skip
+                           for i, v in enumerate(vals[:700])]
     path = tmp_path / "co2.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -113,7 +114,7 @@ def _hsmm_args(csv, out, *extra):
             "--max-duration", "6", "--emb-dim", "8", "--window", "52", "--train-stride", "26",
             "--epochs", "5", "--max-steps", "10", "--batch-size", "8", "--eval-every", "5",
             "--lr", "0.05",
-            *COMMON, *extra]  # fmt: skip
+            *COMMON, *extra]
 
 
 @pytest.mark.parametrize("model", ["lhsmm", "hsmm"])
@@ -139,10 +140,9 @@ def test_hsmm_trains_and_writes_metrics(co2_file, tmp_path, model, capsys):
 
 
 def test_hsmm_nll_is_the_sum_over_windows(co2_file):
-    config = {"model": "lhsmm", "num_states": 4, "max_duration": 4, "emb_dim": 4}
-    HSMMTask.check_model_config(config)
-    assert config["rank"] == 4  # min(8, Z)
-    task = HSMMTask({"csv": str(co2_file), "window": 52, "train_stride": 26}, config)
+    config = HSMMConfig(model="lhsmm", num_states=4, max_duration=4, emb_dim=4)
+    assert config.rank == 4  # min(8, Z)
+    task = HSMMTask(SeriesDataConfig(csv=str(co2_file), window=52, train_stride=26), config)
     task.load_data()
     model = task.build_model()
     batches = list(task.batches("valid", batch_size=2))
@@ -150,7 +150,7 @@ def test_hsmm_nll_is_the_sum_over_windows(co2_file):
     with torch.no_grad():
         total = sum(float(task.nll(model, b, None)) for b in batches)
         one_by_one = sum(float(-model(w[i : i + 1, : int(n)]).log_partition.sum())
-                         for i, n in enumerate(ln.tolist()))  # fmt: skip
+                         for i, n in enumerate(ln.tolist()))
     assert total == pytest.approx(one_by_one, rel=1e-5)
     assert sum(task.count(b) for b in batches) == task.data.weeks["valid"]
 
@@ -158,16 +158,12 @@ def test_hsmm_nll_is_the_sum_over_windows(co2_file):
 def test_hsmm_errors(co2_file, tmp_path, monkeypatch, capsys):
     for bad, msg in [({"model": "hsmm", "rank": 2}, "rank applies"),
                      ({"model": "lhsmm", "rank": 99}, "at most the number"),
-                     ({"model": "crf"}, "unknown model")]:  # fmt: skip
+                     ({"model": "crf"}, "unknown model")]:
         cfg = {"num_states": 8, "max_duration": 4, "emb_dim": 4, **bad}
-        with pytest.raises(ValueError, match=msg):
-            HSMMTask.check_model_config(cfg)
-    cfg = TrainConfig(out=str(tmp_path / "v"), max_steps=1, progress=False)
-    task = HSMMTask({"csv": str(co2_file), "valid_fraction": 0.0},
-                    {"model": "lhsmm", "num_states": 4, "rank": 2, "max_duration": 4,
-                     "emb_dim": 4})  # fmt: skip
-    with pytest.raises(ValueError, match="valid_fraction must be > 0"):
-        Trainer(task, cfg).fit()
+        with pytest.raises(ConfigError, match=msg):
+            HSMMConfig(**cfg)
+    with pytest.raises(ConfigError, match="valid_fraction must be a finite number > 0"):
+        SeriesDataConfig(csv=str(co2_file), valid_fraction=0.0)
     # without statsmodels (and no --csv) the CLI names the install command
     real = importlib.util.find_spec
     monkeypatch.setattr(series.importlib.util, "find_spec",

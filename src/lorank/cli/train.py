@@ -1,0 +1,190 @@
+"""``lorank train``: one run, the main job (two presets), and resuming a run from its own
+settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from lorank._io import atomic_write_bytes, atomic_write_json
+from lorank.cli.options import add_config_options, build, given
+from lorank.config import Config
+from lorank.nn.hmm import HMMLMConfig
+from lorank.tasks import TASKS, get_task, task_from_meta
+from lorank.tasks.base import Task
+from lorank.train.checkpoint import CHECKPOINT_NAME, read_metadata
+from lorank.train.distributed import DistContext
+from lorank.train.metrics import markdown_table
+from lorank.train.trainer import TrainConfig, Trainer
+
+#: the main job (``lorank train`` with no --model): the dense HMM and the LHMM on the same
+#: corpus and budget; on Shakespeare 2 epochs are 2 x 203 steps of <= 4096 tokens
+MAIN_JOB_MODELS = {
+    "hmm": HMMLMConfig(model="hmm", num_states=1024, hidden=128),
+    "lhmm": HMMLMConfig(model="lhmm", num_states=1024, hidden=128),
+}
+MAIN_JOB_TRAIN = TrainConfig(out="runs/main", epochs=2, batch_size=1024, max_tokens=4096,
+                             lr=1e-2, eval_every=50)
+
+
+def add_arguments(parser: argparse.ArgumentParser, task_name: str) -> None:
+    """The options of ``lorank train --task task_name``."""
+    parser.add_argument("--task", default=argparse.SUPPRESS, choices=sorted(TASKS),
+                        help="what to train (default lm: HMM language models; with --resume: "
+                             "the run's own task)")
+    cls = get_task(task_name) if task_name in TASKS else get_task("lm")
+    add_config_options(parser.add_argument_group("training"), TrainConfig)
+    add_config_options(parser.add_argument_group(f"data (--task {cls.name})"),
+                       cls.data_config_class)
+    title = f"model (--task {cls.name})"
+    if cls.name == "lm":
+        title += "; without --model, the main job trains hmm and lhmm"
+    add_config_options(parser.add_argument_group(title), cls.model_config_class)
+
+
+def config_classes(task_name: str) -> tuple[type[Config], ...]:
+    cls = get_task(task_name)
+    return (TrainConfig, cls.data_config_class, cls.model_config_class)
+
+
+def _task_from_args(cls: type[Task], args: argparse.Namespace, **model_fixed: Any) -> Task:
+    return cls(build(cls.data_config_class, args), build(cls.model_config_class, args,
+                                                         **model_fixed))
+
+
+def _print_run(m: dict[str, Any], out: Path) -> None:
+    metric = m["metric"]
+    unit = next((k for k in m if k.endswith("_per_s")), None)
+    parts = [f"val {metric} {m.get(f'val_{metric}'):.2f}"]
+    if m.get(f"test_{metric}") is not None:
+        parts.append(f"test {metric} {m[f'test_{metric}']:.2f}")
+    if unit:
+        parts.append(f"{unit.replace('_per_s', '/s')} {m[unit]:,.0f}")
+    parts.append(f"params {m.get('params', 0):,}")
+    print(f"{m.get('model', m['task'])}: " + ", ".join(parts) + f"  ({out}/metrics.json)")
+
+
+def _resume_task(args: argparse.Namespace, out: Path) -> tuple[Task, TrainConfig]:
+    """The task and training settings of the run in ``out``, with the options the user gave
+    (settings that change the model or the data must match the run's)."""
+    meta = read_metadata(out / CHECKPOINT_NAME)
+    if getattr(args, "task", meta["task"]) != meta["task"]:
+        raise ValueError(f"cannot resume {str(out)!r}: it is a {meta['task']!r} run, not "
+                         f"--task {args.task}")
+    task = task_from_meta(meta)
+    mine = [(task.data_config, build(type(task.data_config), args, task.data_config)),
+            (task.model_config, build(type(task.model_config), args, task.model_config))]
+    for stored, wanted in mine:
+        diff = wanted.differences(stored)
+        if diff:
+            shown = ", ".join(f"{f}={getattr(stored, f)!r} in the run, {getattr(wanted, f)!r} "
+                              f"given" for f in diff)
+            raise ValueError(f"cannot resume {str(out)!r} with different settings ({shown}): "
+                             f"resume without these options, or start a new run elsewhere")
+    task.model_config = build(type(task.model_config), args, task.model_config)  # compute-only
+    train = TrainConfig.from_dict(meta["train_config"])
+    return task, build(TrainConfig, args, train, out=str(out), resume=True, overwrite=False)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    dist = DistContext.from_env(getattr(args, "device", "auto"))
+    try:
+        return _train(args, dist)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, dist: DistContext) -> int:
+    cls = get_task(getattr(args, "task", "lm"))
+    out = Path(args.out) if getattr(args, "out", None) else None
+    resume = getattr(args, "resume", False)
+    if resume:
+        if out is None:
+            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+        if (out / CHECKPOINT_NAME).is_file():
+            task, train = _resume_task(args, out)
+            return _run_one(task, train, dist)
+        if not _main_job_dirs(out):
+            raise FileNotFoundError(f"--resume: no run to continue in {str(out)!r} (no "
+                                    f"{CHECKPOINT_NAME}, no main-job runs)")
+    if cls.name == "lm" and "model" not in given(cls.model_config_class, args):
+        return _main_job(args, dist)
+    task = _task_from_args(cls, args)
+    task.check_data_source()
+    return _run_one(task, build(TrainConfig, args), dist)
+
+
+def _run_one(task: Task, train: TrainConfig, dist: DistContext) -> int:
+    trainer = Trainer(task, train, dist)
+    metrics = trainer.fit()
+    if dist.is_main:
+        _print_run(metrics, trainer.out)
+    return 0
+
+
+def _main_job_dirs(root: Path) -> list[str]:
+    return [n for n in MAIN_JOB_MODELS if (root / n / CHECKPOINT_NAME).is_file()]
+
+
+def _main_job(args: argparse.Namespace, dist: DistContext) -> int:
+    """Dense HMM vs LHMM on one corpus, with baselines; prints and saves a table."""
+    cls = get_task("lm")
+    train = build(TrainConfig, args, MAIN_JOB_TRAIN)
+    root = Path(train.out)
+    resume = train.resume
+    results, task = {}, None
+    for name, preset in MAIN_JOB_MODELS.items():
+        fixed = {"rank": None} if name == "hmm" else {}
+        task = cls(build(cls.data_config_class, args),
+                   build(cls.model_config_class, args, preset, **fixed))
+        task.check_data_source()
+        cfg = train.replace(out=str(root / name), resume=resume and (root / name /
+                                                                      CHECKPOINT_NAME).is_file(),
+                            overwrite=not resume)
+        if dist.is_main:
+            m = task.model_config
+            print(f"== {name}: {m.num_states} states" + (f", rank {m.rank}" if m.rank else "")
+                  + (f", {cfg.max_steps} steps" if cfg.max_steps else f", {cfg.epochs} epoch(s)")
+                  + f" of batches of <= {cfg.max_tokens} tokens -> {cfg.out}", flush=True)
+        results[name] = Trainer(task, cfg, dist).fit()
+    if dist.is_main:
+        _main_job_report(task, results, root, dist)
+    return 0
+
+
+def _main_job_report(task: Task, results: dict[str, dict], root: Path, dist) -> None:
+    base = task.baselines()
+    rows = [[f"{n} (add-k {b['k']:g})", None, None, None, b["val_ppl"], b["test_ppl"], None,
+             None] for n, b in base.items()]
+    for name, m in results.items():
+        rows.append([name, m["num_states"], m["rank"], m["params"], m["val_ppl"],
+                     m.get("test_ppl"), m["tokens_per_s"], m["train_seconds"]])
+    header = ["model", "states", "rank", "params", "val ppl", "test ppl", "train tokens/s",
+              "train s"]
+    table = markdown_table(header, rows)
+    corpus = task.data_config.corpus
+    title = (f"{corpus}: {len(task.corpus.vocab)} words, {task.corpus.train.numel():,} training "
+             f"tokens; device {dist.device}, world size {dist.world_size}")
+    print("\n" + title + "\n\n" + table + "\n")
+    lhmm, hmm = results.get("lhmm"), results.get("hmm")
+    if lhmm and "bigram" in base:
+        verdict = "beats" if lhmm["val_ppl"] < base["bigram"]["val_ppl"] else "does not beat"
+        print(f"LHMM {verdict} the add-k bigram on validation perplexity "
+              f"({lhmm['val_ppl']:.1f} vs {base['bigram']['val_ppl']:.1f}).")
+    if lhmm and hmm and hmm["tokens_per_s"]:
+        print(f"LHMM trains at {lhmm['tokens_per_s'] / hmm['tokens_per_s']:.2f}x the dense "
+              f"HMM's tokens/s.")
+    atomic_write_bytes(os.path.join(root, "summary.md"), f"{title}\n\n{table}\n".encode())
+    fields = ("model", "num_states", "rank", "params", "val_ppl", "test_ppl", "tokens_per_s",
+              "train_seconds")
+    atomic_write_json(os.path.join(root, "summary.json"), {
+        "corpus": corpus, "baselines": base,
+        "runs": {k: {f: v.get(f) for f in fields} for k, v in results.items()},
+    })
+    print(f"outputs: {root}/summary.md, {root}/summary.json, and one run directory per model "
+          f"({', '.join(str(root / n) for n in results)})")
+
+
+__all__ = ["add_arguments", "cmd_train", "config_classes", "MAIN_JOB_MODELS", "MAIN_JOB_TRAIN"]

@@ -1,0 +1,1 @@
+"""Tests of lorank.tasks (a package: module names stay unique across test directories)."""
