@@ -128,7 +128,7 @@ def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
         "train_seconds": m["train_seconds"],
         "wall_seconds_per_epoch": m["train_seconds"] / max(m["epochs"], 1e-9),
         "seconds_per_epoch": epoch_s,
-        "steps_per_s": m["steps_per_s"],
+        "steps_per_s": m["time_steps_per_s"],
         "wall_seconds": wall,
         "history": [{"epoch": h["epoch"], "val_nll_per_step": h["val_nll_per_step"],
                      "train_nll_per_step": h["train_nll_per_step"]}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lorank.cli import main
 
@@ -111,3 +112,56 @@ def test_python_dash_m_lorank():
     r = subprocess.run([sys.executable, "-m", "lorank", "train", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--states" in r.stdout and "torchrun" in r.stdout
+
+
+def _train_args(corpus, out, *extra):
+    return ["train", "--corpus", str(corpus), "--model", "lhmm", "--states", "6", "--rank", "2",
+            "--hidden", "8", "--batch-size", "16", "--max-steps", "3", "--eval-every", "2",
+            "--out", str(out), *extra]
+
+
+def test_zero_is_kept_and_rejected_not_replaced_by_a_default(corpus, tmp_path, capsys):
+    for flag in ("--hidden", "--states", "--batch-size", "--vocab-size"):
+        err = _error(_train_args(corpus, tmp_path / "o") + [flag, "0"], capsys)
+        assert f"argument {flag}: " in err and "got 0" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_problems_fail_before_training(corpus, tmp_path, capsys):
+    (corpus / "test.txt").write_text("\n\n")
+    err = _error(_train_args(corpus, tmp_path / "o"), capsys)
+    assert "no usable item in split(s) test" in err
+    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
+    err = _error(_train_args(corpus / "train.txt", tmp_path / "o"), capsys)
+    assert "is a file, not a directory" in err
+    (corpus / "test.txt").write_bytes(b"caf\xe9 ol\xe9\n")
+    err = _error(_train_args(corpus, tmp_path / "o"), capsys)
+    assert "test.txt" in err and "not UTF-8" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine(corpus, tmp_path, capsys):
+    err = _error(_train_args(corpus, tmp_path / "o", "--device", "cuda"), capsys)
+    assert "no usable CUDA device" in err and "--device cpu" in err
+
+
+def test_divergence_names_the_learning_rate(corpus, tmp_path, capsys):
+    err = _error(_train_args(corpus, tmp_path / "o", "--lr", "1e6", "--max-steps", "20"),
+                 capsys)
+    assert "lower --lr" in err, err
+
+
+def test_busy_run_directory_and_orphans(corpus, tmp_path, capsys):
+    from lorank.train.rundir import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        err = _error(_train_args(corpus, out), capsys)
+    assert "another lorank process" in err and "is writing to" in err
+    (out / ".checkpoint.safetensors.abcd1234.tmp").write_bytes(b"")
+    (out / ".tmpQwErTy").write_bytes(b"x" * 100)
+    assert main(_train_args(corpus, out, "--log-every", "0.0001")) == 0
+    text = capsys.readouterr().out
+    assert "removed 2 temporary file(s)" in text
+    assert "training lhmm (lm): steps 1..3" in text and "step 1/3" in text  # no terminal: lines
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]

@@ -35,14 +35,16 @@ ALL_CONFIGS = (HMMConfig, HMMLMConfig, MusicHMMConfig, PCFGConfig, HSMMConfig, T
 #: field then shows up in a round trip); ``series`` has a single legal value
 VARIANTS = {
     HMMLMConfig: [dict(model="lhmm_band", num_states=12, rank=3, band=2, hidden=8, mlp_layers=1,
-                       state_dropout=0.25, feature_dropout=0.5, init_scale=1.5, vocab_size=17),
+                       state_dropout=0.25, feature_dropout=0.5, init_scale=1.5, vocab_size=17,
+                       transition="embedding"),
                   dict(model="lhmm", num_states=8, rank=2, memory_light=True, vocab_size=5)],
     MusicHMMConfig: [dict(model="lhmm", num_states=6, rank=2, hidden=8, mlp_layers=0,
                           state_dropout=0.1, feature_dropout=0.1, init_scale=2.0,
                           memory_light=True, emission_layers=2),
-                     dict(model="lhmm_band", num_states=6, band=1)],
+                     dict(model="lhmm_band", num_states=6, band=1, transition="embedding")],
     HMMConfig: [dict(model="rank_space", num_states=10, rank=5, hidden=4, init_scale=0.5,
-                     mlp_layers=1, state_dropout=0.5, feature_dropout=0.5),
+                     mlp_layers=1, state_dropout=0.5, feature_dropout=0.5,
+                     transition="embedding"),
                 dict(model="lhmm_band", band=3), dict(memory_light=True)],
     PCFGConfig: [dict(rule_type="cp", num_nonterminals=3, num_preterminals=4, rank=5,
                       hidden=8, vocab_size=9, max_length=7)],
@@ -58,7 +60,7 @@ VARIANTS = {
                        weight_decay=0.1, clip=2.0, lr_factor=0.25, patience=4, min_lr=1e-4,
                        eval_per_epoch=2, eval_every=3, eval_test=False, checkpoint_every=5,
                        seed=7, resume=True, overwrite=True, device="cpu", progress=False,
-                       threads=1)],
+                       threads=1, log_every=5.0)],
 }
 
 

@@ -147,7 +147,7 @@ def test_train_eval_sample_through_the_cli(music_dir, tmp_path, capsys):
     assert (m["model"], m["num_states"], m["rank"]) == ("lhmm", 16, 4)
     for key in ("val_nll_per_step", "test_nll_per_step", "last_val_nll_per_step"):
         assert math.isfinite(m[key]) and m[key] > 0, key
-    assert m["steps_per_s"] > 0 and m["pieces"] == {"train": 8, "valid": 3, "test": 3}
+    assert m["time_steps_per_s"] > 0 and m["pieces"] == {"train": 8, "valid": 3, "test": 3}
     vals = [h["val_nll_per_step"] for h in m["history"]]
     assert len(vals) == 12 and min(vals) == m["val_nll_per_step"]
     assert m["val_nll_per_step"] < vals[0] - 1.0, vals  # training helps
@@ -165,7 +165,7 @@ def test_train_eval_sample_through_the_cli(music_dir, tmp_path, capsys):
     assert ev["test_nll_per_step"] == pytest.approx(m["test_nll_per_step"], rel=1e-5)
     task = MusicTask.from_dicts(m["data_config"], m["model_config"])
     task.load_data()
-    assert ev["valid_steps"] == sum(r.shape[0] for r in task.corpus.valid)
+    assert ev["valid_time_steps"] == sum(r.shape[0] for r in task.corpus.valid)
 
     assert main(["sample", str(out), "--num", "2", "--max-length", "6", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -127,7 +127,7 @@ def test_hsmm_trains_and_writes_metrics(co2_file, tmp_path, model, capsys):
     assert m["rank"] == (2 if model == "lhsmm" else None)
     vals = [h["val_nll_per_step"] for h in m["history"]]
     assert m["steps"] == 10 and len(vals) >= 2 and vals[-1] < vals[0], vals
-    assert math.isfinite(m["test_nll_per_step"]) and m["steps_per_s"] > 0
+    assert math.isfinite(m["test_nll_per_step"]) and m["time_steps_per_s"] > 0
     weeks = m["weeks"]
     assert sum(weeks.values()) == 699 and weeks["valid"] == 70
     gauss = m["baselines"]["gaussian"]
@@ -135,7 +135,7 @@ def test_hsmm_trains_and_writes_metrics(co2_file, tmp_path, model, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["valid_steps"] == weeks["valid"] and ev["test_steps"] == weeks["test"]
+    assert ev["valid_time_steps"] == weeks["valid"] and ev["test_time_steps"] == weeks["test"]
     assert ev["valid_nll_per_step"] == pytest.approx(m["val_nll_per_step"], rel=1e-5)
 
 

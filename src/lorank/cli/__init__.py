@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"lorank: error: {describe_error(e, config_classes(task_name))}\n")
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError,
-            NotImplementedError) as e:
+            NotImplementedError, FloatingPointError) as e:
         parser.exit(2, f"lorank: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -24,25 +24,26 @@ from torch import nn
 
 
 class ResLayer(nn.Module):
-    """``LayerNorm(x + ReLU(W2 ReLU(W1 x)))``: the residual layer of Chiu & Rush (2020)."""
+    """``LayerNorm(x + ReLU(W2 ReLU(W1 x)))``: the residual layer of Chiu & Rush (2020);
+    ``norm=False`` drops the LayerNorm (the layers of Chiu, Deng & Rush 2021's code)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, norm: bool = True):
         super().__init__()
         self.lin1 = nn.Linear(d, d)
         self.lin2 = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + F.relu(self.lin2(F.relu(self.lin1(x)))))
 
 
-def residual_mlp(d: int, layers: int) -> nn.Module:
+def residual_mlp(d: int, layers: int, norm: bool = True) -> nn.Module:
     """``layers`` residual layers of width d (``nn.Identity`` for 0)."""
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
         raise ValueError(f"mlp layers must be a nonnegative integer, got {layers!r}")
     if layers == 0:
         return nn.Identity()
-    return nn.Sequential(*[ResLayer(d) for _ in range(layers)])
+    return nn.Sequential(*[ResLayer(d, norm) for _ in range(layers)])
 
 
 class EmissionHead(nn.Module):

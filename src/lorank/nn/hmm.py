@@ -42,8 +42,11 @@ from lorank.config import Config, option
 from lorank.distributions.hmm import HMM, RankSpaceHMM
 from lorank.factors import Banded, Dense, Factor, LowRank, orthogonal_random_features
 from lorank.nn.emissions import Bernoulli88Emission, EmissionHead, SoftmaxEmission, residual_mlp
+from lorank.semiring import log_matmul
 
 MODELS = ("hmm", "lhmm", "lhmm_band", "rank_space")
+#: transition networks: "mlp" (Chiu & Rush 2020) or "embedding" (Chiu, Deng & Rush 2021)
+TRANSITIONS = ("mlp", "embedding")
 MODEL_ALIASES = {"dense": "hmm", "softmax": "hmm", "lhmm+band": "lhmm_band", "band": "lhmm_band",
                  "rankspace": "rank_space"}
 #: band width of "lhmm_band" when none is given
@@ -54,6 +57,8 @@ DEFAULT_BAND = 4
 class HMMConfig(Config):
     """Settings of a :class:`NeuralHMM`: the transition model, sizes and regularization."""
 
+    LEGACY = {"transition": "mlp", "init_scale": 3.0}  # runs written before these fields
+
     model: str = option("lhmm", "hmm (dense softmax), lhmm, lhmm_band or rank_space",
                         choices=MODELS)
     num_states: int = option(1024, "number of states Z", flag="--states")
@@ -61,18 +66,27 @@ class HMMConfig(Config):
     band: int | None = option(None, f"band width w of lhmm_band (default {DEFAULT_BAND})")
     hidden: int = option(256, "embedding size d")
     mlp_layers: int = option(2, "residual layers per MLP")
+    transition: str = option("mlp", "transition network: mlp (f(E) shared with the emission, "
+                                    "Chiu & Rush 2020) or embedding (transition-only "
+                                    "embeddings, shared projection: Chiu, Deng & Rush 2021)",
+                             choices=TRANSITIONS)
     state_dropout: float = option(0.0, "fraction of states dropped per training batch")
     feature_dropout: float = option(0.0, "fraction of rank features dropped per training batch")
-    init_scale: float = option(3.0, "standard deviation of the initial transition "
-                                    "log-potentials (dense logits; LHMM log-features)")
+    init_scale: float | None = option(None, "scale of the initial transition log-potentials: "
+                                            "their standard deviation for mlp (default 3), a "
+                                            "factor on the xavier-uniform embeddings for "
+                                            "embedding (default 1)")
     memory_light: bool = option(False, "lhmm: save O(BTR) instead of O(BTZ) for backward",
                                 compute_only=True)
 
     def __post_init__(self) -> None:
         model = self._choice("model", MODELS, MODEL_ALIASES)
+        transition = self._choice("transition", TRANSITIONS)
         self._positive_int("num_states", "hidden")
         self._nonnegative_int("mlp_layers")
         self._probability("state_dropout", "feature_dropout")
+        if self.init_scale is None:
+            self._set("init_scale", 3.0 if transition == "mlp" else 1.0)
         self._positive_float("init_scale")
         z = self.num_states
         if model == "hmm":
@@ -120,10 +134,12 @@ class HMMLMConfig(HMMConfig):
 class MusicHMMConfig(HMMConfig):
     """Settings of a :class:`MusicHMM` (88-key Bernoulli emissions)."""
 
+    LEGACY = {"transition": "mlp", "init_scale": 1.0}
+
     num_states: int = option(256, "number of states Z", flag="--states")
     hidden: int = option(128, "embedding size d")
-    init_scale: float = option(1.0, "standard deviation of the initial transition "
-                                    "log-potentials (dense logits; LHMM log-features)")
+    init_scale: float | None = option(1.0, "scale of the initial transition log-potentials "
+                                           "(see --task lm)")
     emission_layers: int = option(1, "residual layers of the key-logit MLP (0: linear in the "
                                      "state embedding)")
 
@@ -196,25 +212,75 @@ class MLPTransition(TransitionNet):
         w = self.projection if features is None else self.projection[:, features]
         factor: Factor = LowRank(prev @ w, nxt @ w)
         if self.band is not None:
-            factor = factor + Banded(self._band_logits(prev, states), self.band)
+            factor = factor + Banded(band_logits(self.band_out(prev), self.band, states),
+                                     self.band)
         return factor
 
-    def _band_logits(self, prev: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
-        """Band logits (Z', 2w+1) over the kept states.  The band links states whose *full*
-        indices differ by at most w; among sorted kept states those pairs lie within w
-        positions of each other, so they fit a width-w band of the subset."""
-        full = self.band_out(prev)  # offsets in full index space
-        if states is None:
-            return full
-        w, zs = self.band, prev.shape[0]
-        st = states.to(prev.device)
-        i = torch.arange(zs, device=prev.device).unsqueeze(-1)
-        j = i + torch.arange(-w, w + 1, device=prev.device)
-        jc = j.clamp(0, zs - 1)
-        off = st[jc] - st[i]  # full-index offset of subset neighbour j
-        ok = (j >= 0) & (j < zs) & (off.abs() <= w)
-        vals = full.gather(-1, (off + w).clamp(0, 2 * w))
-        return torch.where(ok, vals, torch.full_like(vals, -math.inf))
+
+def band_logits(full: torch.Tensor, width: int, states: torch.Tensor | None) -> torch.Tensor:
+    """Band logits (Z', 2w+1) over the kept ``states`` from the full-index band logits of their
+    rows (Z', 2w+1).  The band links states whose *full* indices differ by at most w; among
+    sorted kept states those pairs lie within w positions of each other, so they fit a width-w
+    band of the subset."""
+    if states is None:
+        return full
+    w, zs = width, full.shape[0]
+    st = states.to(full.device)
+    i = torch.arange(zs, device=full.device).unsqueeze(-1)
+    j = i + torch.arange(-w, w + 1, device=full.device)
+    jc = j.clamp(0, zs - 1)
+    off = st[jc] - st[i]  # full-index offset of subset neighbour j
+    ok = (j >= 0) & (j < zs) & (off.abs() <= w)
+    vals = full.gather(-1, (off + w).clamp(0, 2 * w))
+    return torch.where(ok, vals, torch.full_like(vals, -math.inf))
+
+
+class EmbeddingTransition(TransitionNet):
+    """The transition network of Chiu, Deng & Rush (2021)'s code: transition-only state
+    embeddings U and next-state embeddings V (Z, d), no MLP; ``P = softmax(U V^T)`` (dense) or
+    ``P ∝ exp(U W) exp(V W)^T`` (low rank) with one learned projection W (d, R) shared by both
+    sides, initialized with orthogonal random features with chi-distributed norms; initial
+    logits from a start vector through an MLP g: ``g(s) V^T`` or ``log exp(g(s) W) exp(V W)^T``.
+    U, V are xavier-uniform times ``init_scale``; an optional band reads U."""
+
+    def __init__(self, config: HMMConfig):
+        super().__init__()
+        z, d = config.num_states, config.hidden
+        self.low_rank, self.rank, self.band = config.low_rank, config.rank, config.band
+        self.prev_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(z, d)) *
+                                     config.init_scale)
+        self.next_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(z, d)) *
+                                     config.init_scale)
+        self.start_emb = nn.Parameter(torch.randn(d) / d**0.5)
+        self.start_mlp = nn.Sequential(nn.Linear(d, d), residual_mlp(d, config.mlp_layers,
+                                                                     norm=False))
+        if self.low_rank:
+            self.projection = nn.Parameter(orthogonal_random_features(d, self.rank))
+        if self.band is not None:
+            self.band_out = nn.Linear(d, 2 * self.band + 1)
+
+    def _features(self, x: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        w = self.projection if features is None else self.projection[:, features]
+        return x @ w
+
+    def init_logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        start = self.start_mlp(self.start_emb)
+        nxt = self.next_emb if states is None else self.next_emb[states]
+        if not self.low_rank:
+            return nxt @ start
+        start_features = self._features(start, None).unsqueeze(0)  # (1, R)
+        return log_matmul(start_features, self._features(nxt, None).T)[0]
+
+    def factor(self, state_emb=None, states=None, features=None) -> Factor:
+        prev = self.prev_emb if states is None else self.prev_emb[states]
+        nxt = self.next_emb if states is None else self.next_emb[states]
+        if not self.low_rank:
+            return Dense(prev @ nxt.T)
+        factor: Factor = LowRank(self._features(prev, features), self._features(nxt, features))
+        if self.band is not None:
+            factor = factor + Banded(band_logits(self.band_out(prev), self.band, states),
+                                     self.band)
+        return factor
 
 
 class NeuralHMM(nn.Module):
@@ -237,7 +303,8 @@ class NeuralHMM(nn.Module):
         self.config = config
         self.num_states, self.hidden = config.num_states, config.hidden
         self.state_emb = nn.Parameter(torch.randn(config.num_states, config.hidden))
-        self.transition_net: TransitionNet = MLPTransition(config)
+        nets = {"mlp": MLPTransition, "embedding": EmbeddingTransition}
+        self.transition_net: TransitionNet = nets[config.transition](config)
         self.emission = emission
 
     @property
@@ -371,6 +438,8 @@ __all__ = [
     "MusicHMMConfig",
     "TransitionNet",
     "MLPTransition",
+    "EmbeddingTransition",
+    "TRANSITIONS",
     "NeuralHMM",
     "HMMLanguageModel",
     "MusicHMM",

@@ -55,7 +55,7 @@ class Task:
     name: ClassVar[str] = ""
     #: "ppl" (exp of the mean NLL) or "nll_per_step" (the mean NLL)
     metric: ClassVar[str] = "ppl"
-    #: what :meth:`count` counts ("tokens", "steps": time steps of the sequences)
+    #: what :meth:`count` counts ("tokens", "time_steps" of the sequences)
     unit: ClassVar[str] = "tokens"
     data_config_class: ClassVar[type[Config]]
     model_config_class: ClassVar[type[Config]]

@@ -47,7 +47,7 @@ class HSMMTask(Task):
 
     name = "hsmm"
     metric = "nll_per_step"
-    unit = "steps"
+    unit = "time_steps"
     data_config_class = SeriesDataConfig
     model_config_class = HSMMConfig
 

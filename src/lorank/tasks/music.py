@@ -80,7 +80,7 @@ class MusicTask(Task):
 
     name = "music"
     metric = "nll_per_step"
-    unit = "steps"
+    unit = "time_steps"
     data_config_class = MusicDataConfig
     model_config_class = MusicHMMConfig
 

@@ -92,11 +92,18 @@ def save_checkpoint(
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, without loading its tensors."""
     path = _resolve(path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint (empty, truncated or not "
+                         f"a safetensors file: {e})") from None
     if raw is None:
         raise ValueError(f"{str(path)!r} is a safetensors file but not a lorank checkpoint")
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} has damaged lorank metadata ({e})") from None
 
 
 def load_checkpoint(
@@ -106,7 +113,11 @@ def load_checkpoint(
     present, else its latest checkpoint)."""
     path = _resolve(path)
     meta = read_metadata(path)
-    return load_file(str(path), device=str(device)), meta
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as e:  # a file whose header survived but whose data did not
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint ({e})") from None
+    return tensors, meta
 
 
 def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

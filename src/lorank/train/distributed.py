@@ -27,7 +27,9 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available")
+        raise ValueError(f"device {device!r} was asked for but this machine has no usable CUDA "
+                         f"device (torch.cuda.is_available() is False): use --device cpu or "
+                         f"auto")
     return dev
 
 

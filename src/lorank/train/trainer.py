@@ -7,9 +7,15 @@ step is global batch ``(step * accumulate + m) * world_size + r``.  Each micro-b
 training randomness (state/feature dropout) from a generator seeded by
 ``(seed, step, m * world_size + r)``, and its loss is scaled by the step's *global* unit count,
 so a step's gradient is the gradient of ``sum NLL / units`` over the whole global batch.
-Hence ``world_size=2, accumulate=1`` and ``world_size=1, accumulate=2`` take the same steps
-up to float error, and a resumed run (which skips the batches already used in the current
-epoch) takes exactly the steps an uninterrupted run would.
+Hence ``world_size=2, accumulate=1`` and ``world_size=1, accumulate=2`` take the same steps up
+to float error when each epoch's batch count is a multiple of ``accumulate x world_size``
+(otherwise the two settings drop different leftover batches at the end of an epoch), and a
+resumed run (which skips the batches already used in the current epoch) takes exactly the
+steps an uninterrupted run would.
+
+Run directories.  While training, the main process holds ``RUN/.lock`` (a second run into the
+same directory fails at once) and first removes temporary files a killed run left behind.
+Without a terminal, progress is a log line every ``log_every`` seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from lorank.train.checkpoint import (
 )
 from lorank.train.distributed import DistContext
 from lorank.train.metrics import Throughput, write_metrics
+from lorank.train.rundir import RunLock, remove_orphans
 
 if TYPE_CHECKING:  # the protocol the trainer calls; tasks live above this package
     from lorank.tasks.base import Task
@@ -80,12 +87,14 @@ class TrainConfig(Config):
     progress: bool = option(True, "progress bar (on a terminal) and periodic log lines",
                             compute_only=True)
     threads: int | None = option(None, "torch CPU threads", compute_only=True)
+    log_every: float = option(30.0, "seconds between log lines when stderr is not a terminal",
+                              compute_only=True)
 
     def __post_init__(self) -> None:
         self._positive_int("epochs", "batch_size", "accumulate", "eval_per_epoch", "patience")
         self._positive_int("max_steps", "max_tokens", "eval_batch_size", "eval_max_tokens",
                            "eval_every", "checkpoint_every", "threads", optional=True)
-        self._positive_float("lr", "clip", "min_lr")
+        self._positive_float("lr", "clip", "min_lr", "log_every")
         self._probability("lr_factor")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise self._error("weight_decay", f"weight_decay must be >= 0, got "
@@ -106,8 +115,11 @@ class TrainState:
     units: float = 0.0  #: training units (global) seen
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
-    window_nll: float = 0.0  #: training NLL / units since the last evaluation (global)
+    #: training NLL and units since the last evaluation: this process's share while training;
+    #: in a checkpoint, the global sums (read back by rank 0, the others start from 0)
+    window_nll: float = 0.0
     window_units: float = 0.0
+    window_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -161,6 +173,7 @@ class Trainer:
         self.dist = dist
         self.model: nn.Module | None = None
         self.state = TrainState()
+        self._lock: RunLock | None = None
         self.out = Path(config.out or f"runs/{task.model_name()}")
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -176,12 +189,31 @@ class Trainer:
         }
 
     def setup(self) -> None:
+        """Lock the run directory, load data, build model and optimizer (resume if asked)."""
+        try:
+            self._setup()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self) -> None:
         cfg = self.config
         if self.dist is None:
             self.dist = DistContext.from_env(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         ckpt = self.out / CHECKPOINT_NAME
+        if self.dist.is_main:
+            self._lock = RunLock(self.out).acquire()
+            removed = remove_orphans(self.out)
+            if removed:
+                tqdm.write(f"removed {len(removed)} temporary file(s) a stopped run left in "
+                           f"{self.out}: {', '.join(removed)}")
         if ckpt.exists() and not (cfg.resume or cfg.overwrite):
             raise FileExistsError(
                 f"{str(ckpt)!r} exists: pass --resume to continue that run, --overwrite to "
@@ -200,8 +232,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         if cfg.resume and ckpt.exists():
             self._load(ckpt)
-        elif cfg.resume and self.dist.is_main:
-            tqdm.write(f"--resume: no checkpoint at {ckpt}; starting a new run")
+        elif cfg.resume:
+            raise FileNotFoundError(f"resume: no checkpoint at {str(ckpt)!r} to continue")
         module = _NLLModule(self.model, self.task)
         if self.dist.distributed:
             ids = [self.dist.device] if self.dist.device.type == "cuda" else None
@@ -217,6 +249,8 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.state = TrainState(**meta["state"])
+        if self.dist.rank != 0:  # the stored window is global: count it once
+            self.state.window_nll = self.state.window_units = 0.0
         restore_rng(tensors)
         best = self.out / BEST_NAME
         if best.exists():
@@ -279,7 +313,15 @@ class Trainer:
             sync = m == len(micro) - 1 or not d.distributed
             ctx = contextlib.nullcontext() if sync else self.module.no_sync()
             with ctx:
-                nll = self.module(batch, gen)
+                try:
+                    nll = self.module(batch, gen)
+                except ValueError as e:  # non-finite parameters fail the input checks
+                    if "NaN" not in str(e) and "inf" not in str(e):
+                        raise
+                    raise FloatingPointError(
+                        f"training diverged at step {st.step}: {e}; the parameters are no "
+                        f"longer finite: lower --lr (now {cfg.lr:g}) or raise --clip"
+                    ) from e
                 if not torch.isfinite(nll):
                     raise FloatingPointError(
                         f"non-finite training loss {float(nll)} at step {st.step} (micro-batch "
@@ -299,7 +341,9 @@ class Trainer:
         self.scheduler.step(value)
         window = d.all_reduce_sum([st.window_nll, st.window_units]).tolist()
         train_value = self.task.metric_value(window[0], int(window[1])) if window[1] else None
+        window_steps = st.window_steps
         st.window_nll = st.window_units = 0.0
+        st.window_steps = 0
         improved = st.best is None or value < st.best
         if improved:
             st.best, st.best_step = value, st.step
@@ -311,13 +355,15 @@ class Trainer:
             "epoch": st.epoch + st.batch_in_epoch / max(1, self._steps_per_epoch),
             f"val_{metric}": value,
             f"train_{metric}": train_value,
+            "train_window_steps": window_steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             f"{self.task.unit}_per_s": rate,
         })
         if d.is_main:
             tqdm.write(
                 f"step {st.step}: val {metric} {value:.2f}"
-                + (f", train {metric} {train_value:.2f}" if train_value is not None else "")
+                + (f", train {metric} {train_value:.2f} (last {window_steps} steps)"
+                   if train_value is not None else "")
                 + f", {self.task.unit}/s {rate:,.0f}, lr {self.optimizer.param_groups[0]['lr']:.2g}"
                 + (" *" if improved else "")
             )
@@ -328,10 +374,14 @@ class Trainer:
             write_metrics(self.out, self.metrics())
         bar.set_postfix({f"val_{metric}": f"{value:.1f}"})
 
-    def _save(self) -> None:
-        save_checkpoint(
-            self.out / CHECKPOINT_NAME, self.model, self._meta(), self.optimizer, self.scheduler
-        )
+    def _save(self, window: list[float] | None = None) -> None:
+        """Write the resumable checkpoint; ``window``: the global (NLL, units) of the current
+        training window when it is not empty (every rank must have summed it)."""
+        meta = self._meta()
+        if window is not None:
+            meta["state"]["window_nll"], meta["state"]["window_units"] = window
+        save_checkpoint(self.out / CHECKPOINT_NAME, self.model, meta, self.optimizer,
+                        self.scheduler)
 
     def metrics(self, test: dict[str, float] | None = None) -> dict[str, Any]:
         st, metric = self.state, self.task.metric
@@ -362,6 +412,12 @@ class Trainer:
         """Train until ``epochs`` or ``max_steps``; evaluate; return the metrics."""
         if self.model is None:
             self.setup()
+        try:
+            return self._fit()
+        finally:
+            self._release()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, st, d = self.config, self.state, self.dist
         acc = cfg.accumulate
         self._steps_per_epoch = len(self._train_batches(0)) // acc
@@ -377,6 +433,11 @@ class Trainer:
                    disable=True if not (cfg.progress and d.is_main) else None,
                    leave=False)  # None: no bar off a terminal
         thr = Throughput(st.units, st.train_seconds)
+        log = _LogLines(cfg.log_every if cfg.progress and d.is_main and bar.disable else None)
+        if d.is_main and cfg.progress:
+            tqdm.write(f"training {self.task.model_name()} ({self.task.name}): steps "
+                       f"{st.step + 1}..{total}, evaluation every {eval_every} steps -> "
+                       f"{self.out}")
         while st.step < total:
             it = iter(self._train_batches(st.epoch))
             for _ in range(st.batch_in_epoch * acc):  # resume inside an epoch
@@ -391,6 +452,7 @@ class Trainer:
                 st.units, st.train_seconds = thr.units, thr.seconds
                 st.window_nll += local_nll
                 st.window_units += units / d.world_size  # summed over ranks at evaluation
+                st.window_steps += 1
                 end_epoch = st.batch_in_epoch == self._steps_per_epoch
                 due = st.batch_in_epoch % eval_every == 0 or end_epoch or st.step == total
                 if end_epoch:
@@ -404,8 +466,14 @@ class Trainer:
                     val = self.evaluate("valid")
                     st.eval_seconds += time.perf_counter() - t0
                     self._after_eval(val, bar)
-                elif cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and d.is_main:
-                    self._save()
+                elif cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                    window = d.all_reduce_sum([st.window_nll, st.window_units]).tolist()
+                    if d.is_main:
+                        self._save(window)
+                if log.due():
+                    log.write(f"step {st.step}/{total} (epoch {st.epoch + 1}): loss "
+                              f"{local_nll / max(units / d.world_size, 1):.3f}, "
+                              f"{self.task.unit}/s {thr.rate:,.0f}")
                 if end_epoch:
                     break
         bar.close()
@@ -423,6 +491,21 @@ class Trainer:
             write_metrics(self.out, metrics)
         d.barrier()
         return metrics
+
+
+class _LogLines:
+    """A clock for plain progress lines (every ``seconds``; never if None)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._last = time.perf_counter()
+
+    def due(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self._last >= self.seconds
+
+    def write(self, line: str) -> None:
+        self._last = time.perf_counter()
+        print(line, flush=True)
 
 
 __all__ = ["Trainer", "TrainConfig", "TrainState", "step_generator", "check_resumable"]
