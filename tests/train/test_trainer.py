@@ -152,3 +152,10 @@ def test_config_errors():
     assert e.value.field == "batch_size" and e.value.owner == "TrainConfig"
     with pytest.raises(ConfigError, match="lr must be a finite number > 0"):
         TrainConfig(lr=0.0)
+
+
+def test_time_budget_stops_training_and_evaluates(tiny_corpus, tmp_path):
+    _, m = _fit(tiny_corpus, tmp_path / "run", epochs=50, max_seconds=0.2, eval_every=1000)
+    assert 1 <= m["steps"] < 50 * 4  # stopped early, by time
+    assert m["train_seconds"] >= 0.2 and m["train_seconds"] < 0.2 + 5.0
+    assert m["history"][-1]["step"] == m["steps"]  # evaluated where it stopped

@@ -21,6 +21,7 @@ Without a terminal, progress is a log line every ``log_every`` seconds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,8 @@ class TrainConfig(Config):
                                    "runs/main)")
     epochs: int = option(1, "passes over the training data")
     max_steps: int | None = option(None, "stop after this many optimizer steps")
+    max_seconds: float | None = option(None, "stop once training (evaluation excluded) has "
+                                             "taken this many seconds")
     batch_size: int = option(1024, "sequences per batch and process (--max-tokens binds first "
                                    "for all but the shortest sequences)")
     max_tokens: int | None = option(4096, "cap on padded units (sequences x longest) per batch")
@@ -95,6 +98,7 @@ class TrainConfig(Config):
         self._positive_int("max_steps", "max_tokens", "eval_batch_size", "eval_max_tokens",
                            "eval_every", "checkpoint_every", "threads", optional=True)
         self._positive_float("lr", "clip", "min_lr", "log_every")
+        self._positive_float("max_seconds", optional=True)
         self._probability("lr_factor")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise self._error("weight_decay", f"weight_decay must be >= 0, got "
@@ -161,17 +165,22 @@ class _NLLModule(nn.Module):
 class Trainer:
     """Train ``task``'s model with ``config``; :meth:`fit` returns the final metrics.
 
+    ``model``: train this module (e.g. a compressed model being fine-tuned) instead of
+    ``task.build_model()``.
+
     With ``dist`` None the context comes from torchrun's environment variables
     (:meth:`DistContext.from_env`).  Only rank 0 writes files and shows progress.
     """
 
-    def __init__(self, task: Task, config: TrainConfig, dist: DistContext | None = None):
+    def __init__(self, task: Task, config: TrainConfig, dist: DistContext | None = None,
+                 model: nn.Module | None = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.task = task
         self.config = config
         self.dist = dist
         self.model: nn.Module | None = None
+        self._given_model = model  # train this model instead of task.build_model()
         self.state = TrainState()
         self._lock: RunLock | None = None
         self.out = Path(config.out or f"runs/{task.model_name()}")
@@ -221,7 +230,8 @@ class Trainer:
             )
         torch.manual_seed(cfg.seed)
         self.task.load_data()
-        self.model = self.task.build_model().to(self.dist.device)
+        model = self.task.build_model() if self._given_model is None else self._given_model
+        self.model = model.to(self.dist.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -356,6 +366,7 @@ class Trainer:
             f"val_{metric}": value,
             f"train_{metric}": train_value,
             "train_window_steps": window_steps,
+            "train_seconds": st.train_seconds,
             "lr": self.optimizer.param_groups[0]["lr"],
             f"{self.task.unit}_per_s": rate,
         })
@@ -438,7 +449,8 @@ class Trainer:
             tqdm.write(f"training {self.task.model_name()} ({self.task.name}): steps "
                        f"{st.step + 1}..{total}, evaluation every {eval_every} steps -> "
                        f"{self.out}")
-        while st.step < total:
+        out_of_time = False
+        while st.step < total and not out_of_time:
             it = iter(self._train_batches(st.epoch))
             for _ in range(st.batch_in_epoch * acc):  # resume inside an epoch
                 next(it)
@@ -454,7 +466,9 @@ class Trainer:
                 st.window_units += units / d.world_size  # summed over ranks at evaluation
                 st.window_steps += 1
                 end_epoch = st.batch_in_epoch == self._steps_per_epoch
-                due = st.batch_in_epoch % eval_every == 0 or end_epoch or st.step == total
+                out_of_time = cfg.max_seconds is not None and st.train_seconds >= cfg.max_seconds
+                due = (st.batch_in_epoch % eval_every == 0 or end_epoch or st.step == total
+                       or out_of_time)
                 if end_epoch:
                     st.epoch += 1
                     st.batch_in_epoch = 0
@@ -474,7 +488,7 @@ class Trainer:
                     log.write(f"step {st.step}/{total} (epoch {st.epoch + 1}): loss "
                               f"{local_nll / max(units / d.world_size, 1):.3f}, "
                               f"{self.task.unit}/s {thr.rate:,.0f}")
-                if end_epoch:
+                if end_epoch or out_of_time:
                     break
         bar.close()
         if not st.history:  # resumed a finished run: evaluate once for the record
@@ -482,8 +496,8 @@ class Trainer:
         test = None
         if cfg.eval_test:
             model = self.model
-            if self.best_state is not None:
-                model = self.task.build_model().to(d.device)
+            if self.best_state is not None:  # the best model: same modules, best weights
+                model = copy.deepcopy(self.model)
                 model.load_state_dict(self.best_state)
             test = self.evaluate("test", model)
         metrics = self.metrics(test)
