@@ -96,6 +96,23 @@ class Config:
                 raise self._error(name, f"{name} must be a finite number > 0, got {value!r}")
             self._set(name, float(value))
 
+    def _rank(self, applies: bool, default: int, maximum: int | None, not_applicable: str
+              ) -> None:
+        """Validate the field ``rank``: an error if given where it does not apply (message
+        ``not_applicable``), else a positive integer (``default`` if not given) at most
+        ``maximum`` (the number of states: a larger rank is no cheaper than dense)."""
+        if not applies:
+            if self.rank is not None:
+                raise self._error("rank", not_applicable)
+            return
+        self._positive_int("rank", optional=True)
+        if self.rank is None:
+            self._set("rank", default)
+        if maximum is not None and self.rank > maximum:
+            raise self._error("rank", f"rank ({self.rank}) must be at most the number of states "
+                                      f"({maximum}): a low-rank transition with R > Z is no "
+                                      f"cheaper than the dense one")
+
     def _choice(self, name: str, choices: tuple[str, ...], aliases: Mapping[str, str] = {}) -> str:
         value = getattr(self, name)
         key = str(value).lower().replace("-", "_")

@@ -79,7 +79,7 @@ def test_splits_standardize_with_training_statistics(tmp_path):
         assert d.steps(split) == hi - lo
     no_valid = co2_splits(52, 13, valid_fraction=0.0, path=path, eval_remainder=False)
     assert no_valid.windows["valid"].shape[0] == 0 and no_valid.lengths["test"].tolist() == [52]
-    with pytest.raises(ValueError, match="valid_fraction must be in"):
+    with pytest.raises(ValueError, match="valid_fraction must be a probability in"):
         co2_splits(valid_fraction=1.5, path=path)
     with pytest.raises(ValueError, match="must be < 1"):
         co2_splits(valid_fraction=0.5, test_fraction=0.5, path=path)

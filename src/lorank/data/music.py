@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorank._checks import check_positive_int
 from lorank.data._batching import BatchIterator, length_batches
 from lorank.data._cache import cache_root, config_digest, file_lock, load_cache, save_cache
 
@@ -384,10 +385,8 @@ def load_music(
     grid = float(DEFAULT_GRID[cname] if grid is None else grid)
     if not grid > 0:
         raise ValueError(f"grid must be > 0 quarter lengths, got {grid!r}")
-    if max_pieces is not None and (
-        isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1
-    ):
-        raise ValueError(f"max_pieces must be a positive integer or None, got {max_pieces!r}")
+    if max_pieces is not None:
+        check_positive_int("max_pieces", max_pieces)
 
     m21 = _music21()
     files = files_fn()

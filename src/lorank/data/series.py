@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorank._checks import check_positive_int, check_probability
+
 __all__ = ["SeriesSplits", "co2_csv", "load_co2", "series_windows", "co2_splits"]
 
 #: the CSV inside the statsmodels package
@@ -76,9 +78,8 @@ def series_windows(
     lengths (W,))``, starting every ``stride`` steps.  ``keep_remainder`` adds a final
     shorter window holding the steps no full window reached (so non-overlapping windows,
     ``stride == length``, cover every step exactly once)."""
-    for name, v in (("length", length), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    check_positive_int("length", length)
+    check_positive_int("stride", stride)
     x = x.unsqueeze(-1) if x.dim() == 1 else x
     if x.dim() != 2:
         raise ValueError(f"series must have shape (N,) or (N, D), got {tuple(x.shape)}")
@@ -134,9 +135,8 @@ def co2_splits(
     of their split, the last one shorter (``eval_remainder=False`` drops that last partial
     window, as ``benchmarks/lhsmm_co2.py`` does).  ``path``: a CSV with a ``co2`` column
     instead of statsmodels' copy."""
-    for name, v in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+    check_probability("valid_fraction", valid_fraction)
+    check_probability("test_fraction", test_fraction)
     if valid_fraction + test_fraction >= 1.0:
         raise ValueError(
             f"valid_fraction + test_fraction must be < 1 (training needs weeks), got "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lorank._checks import check_positive_int
 from lorank.data._batching import BatchIterator, length_batches
 
 UNK = "<unk>"
@@ -499,8 +500,7 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     ``b`` of the previous BPTT window stopped (truncated BPTT over columns)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor, got {getattr(ids, 'shape', type(ids))}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     n = ids.numel() // batch_size
     if n == 0:
         raise ValueError(f"{ids.numel()} tokens cannot fill {batch_size} streams")

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from lorank._checks import check_nonnegative_int
 from lorank.linalg._common import check_matrix, check_rank, work_dtype
 
 __all__ = ["semi_nmf", "nmf", "semi_nmf_objective", "kl_divergence"]
@@ -36,8 +37,7 @@ def kl_divergence(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _check_iters(n_iter: int, tol: float) -> None:
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a nonnegative integer, got {n_iter!r}")
+    check_nonnegative_int("n_iter", n_iter)
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorank._checks import check_nonnegative_int, check_positive_int
+
 
 class ResLayer(nn.Module):
     """``LayerNorm(x + ReLU(W2 ReLU(W1 x)))``: the residual layer of Chiu & Rush (2020);
@@ -39,8 +41,7 @@ class ResLayer(nn.Module):
 
 def residual_mlp(d: int, layers: int, norm: bool = True) -> nn.Module:
     """``layers`` residual layers of width d (``nn.Identity`` for 0)."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(f"mlp layers must be a nonnegative integer, got {layers!r}")
+    check_nonnegative_int("mlp layers", layers)
     if layers == 0:
         return nn.Identity()
     return nn.Sequential(*[ResLayer(d, norm) for _ in range(layers)])
@@ -74,9 +75,8 @@ class SoftmaxEmission(EmissionHead):
 
     def __init__(self, vocab_size: int, hidden: int = 256, mlp_layers: int = 2):
         super().__init__()
-        for name, v in (("vocab_size", vocab_size), ("hidden", hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.hidden = check_positive_int("hidden", hidden)
         self.vocab_size, self.hidden = vocab_size, hidden
         self.mlp = residual_mlp(hidden, mlp_layers)
         self.word_emb = nn.Parameter(torch.randn(vocab_size, hidden) / math.sqrt(hidden))
@@ -138,9 +138,8 @@ class Bernoulli88Emission(EmissionHead):
 
     def __init__(self, hidden: int = 256, num_keys: int = 88, mlp_layers: int = 1):
         super().__init__()
-        for name, v in (("hidden", hidden), ("num_keys", num_keys)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.hidden = check_positive_int("hidden", hidden)
+        self.num_keys = check_positive_int("num_keys", num_keys)
         self.hidden, self.num_keys = hidden, num_keys
         self.mlp = residual_mlp(hidden, mlp_layers)
         self.out = nn.Linear(hidden, num_keys)

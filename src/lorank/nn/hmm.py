@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorank._checks import check_positive_int
 from lorank._numerics import gumbel_argmax
 from lorank.config import Config, option
 from lorank.distributions.hmm import HMM, RankSpaceHMM
@@ -89,18 +90,9 @@ class HMMConfig(Config):
             self._set("init_scale", 3.0 if transition == "mlp" else 1.0)
         self._positive_float("init_scale")
         z = self.num_states
-        if model == "hmm":
-            if self.rank is not None:
-                raise self._error("rank", "rank applies to low-rank models (lhmm, lhmm_band, "
-                                          "rank_space), not to the dense 'hmm'")
-        else:
-            self._positive_int("rank", optional=True)
-            if self.rank is None:
-                self._set("rank", max(1, z // 4))
-            if self.rank > z:
-                raise self._error("rank", f"rank ({self.rank}) must be at most the number of "
-                                          f"states ({z}): a low-rank transition with R > Z is "
-                                          f"no cheaper than the dense one")
+        self._rank(model != "hmm", max(1, z // 4), z, "rank applies to low-rank models (lhmm, "
+                                                      "lhmm_band, rank_space), not to the dense "
+                                                      "'hmm'")
         if model == "lhmm_band":
             if self.band is None:
                 self._set("band", DEFAULT_BAND)
@@ -366,8 +358,7 @@ class NeuralHMM(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Ancestral samples from the prior: (state paths (num, length), observations per
         step [head.sample(...)] of length ``length``).  Uses every state."""
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ValueError(f"num must be a positive integer, got {num!r}")
+        check_positive_int("num", num)
         emb = self.state_emb
         init = self.init_logits().log_softmax(-1).float().cpu()
         trans = self.transition()

@@ -36,17 +36,8 @@ class HSMMConfig(Config):
     def __post_init__(self) -> None:
         model = self._choice("model", HSMM_MODELS, {"dense": "hsmm", "lowrank": "lhsmm"})
         self._positive_int("num_states", "max_duration", "emb_dim", "obs_dim")
-        if model == "hsmm":
-            if self.rank is not None:
-                raise self._error("rank", "rank applies to the low-rank 'lhsmm', not the dense "
-                                          "'hsmm'")
-            return
-        self._positive_int("rank", optional=True)
-        if self.rank is None:
-            self._set("rank", min(8, self.num_states))
-        if self.rank > self.num_states:
-            raise self._error("rank", f"rank ({self.rank}) must be at most the number of "
-                                      f"states ({self.num_states})")
+        self._rank(model == "lhsmm", min(8, self.num_states), self.num_states,
+                   "rank applies to the low-rank 'lhsmm', not the dense 'hsmm'")
 
 
 class LHSMM(nn.Module):

@@ -69,14 +69,8 @@ class PCFGConfig(Config):
         rt = self._choice("rule_type", RULE_TYPES, RULE_ALIASES)
         self._positive_int("num_nonterminals", "num_preterminals", "hidden")
         self._positive_int("vocab_size", "max_length", optional=True)
-        if rt == "dense":
-            if self.rank is not None:
-                raise self._error("rank", "rank applies to factored rules (low_rank, cp, "
-                                          "rank_space), not to dense rules")
-        else:
-            self._positive_int("rank", optional=True)
-            if self.rank is None:
-                self._set("rank", 64)
+        self._rank(rt != "dense", 64, None, "rank applies to factored rules (low_rank, cp, "
+                                            "rank_space), not to dense rules")
 
 
 class NeuralPCFG(nn.Module):

@@ -4,12 +4,10 @@ of model and data, and the registry behind ``lorank train --task NAME``.
 A task pairs a data config and a model config (frozen dataclasses, :mod:`lorank.config`) with
 a model factory, batch iterators, a unit counter (tokens, time steps) and a metric (``"ppl"``:
 ``exp(NLL / units)``, or ``"nll_per_step"``: ``NLL / units``).  Adding a task is one subclass
-in one file of this package, decorated with :func:`register_task`::
+in one file of this package; naming it registers it::
 
-    @register_task
-    class MusicTask(Task):
-        name, metric, unit = "music", "nll_per_step", "steps"
-        data_config_class, model_config_class = MusicDataConfig, MusicHMMConfig
+    class MusicTask(Task, name="music", metric="nll_per_step", unit="time_steps",
+                    data=MusicDataConfig, model=MusicHMMConfig):
         def load_data(self): ...                # check every split before training starts
         def build_model(self): ...              # an nn.Module; forward -> a distribution
         def batches(self, split, **kw): ...     # iterator of batches (sharded by rank)
@@ -59,6 +57,19 @@ class Task:
     unit: ClassVar[str] = "tokens"
     data_config_class: ClassVar[type[Config]]
     model_config_class: ClassVar[type[Config]]
+
+    def __init_subclass__(cls, name: str | None = None, metric: str | None = None,
+                          unit: str | None = None, data: type[Config] | None = None,
+                          model: type[Config] | None = None, **kwargs: Any) -> None:
+        """Set the class attributes given as class keywords; a ``name`` registers the task."""
+        super().__init_subclass__(**kwargs)
+        for attr, value in (("metric", metric), ("unit", unit), ("data_config_class", data),
+                            ("model_config_class", model)):
+            if value is not None:
+                setattr(cls, attr, value)
+        if name is not None:
+            cls.name = name
+            register_task(cls)
 
     def __init__(self, data_config: Config, model_config: Config):
         for what, value, cls in (("data_config", data_config, self.data_config_class),

@@ -16,7 +16,7 @@ from lorank.config import Config, option
 from lorank.data._batching import BatchIterator, length_batches
 from lorank.data.series import co2_splits
 from lorank.nn.hsmm import LHSMM, HSMMConfig
-from lorank.tasks.base import Task, register_task, require_splits
+from lorank.tasks.base import Task, require_splits
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,11 @@ class SeriesDataConfig(Config):
                                                 f"{self.test_fraction}")
 
 
-@register_task
-class HSMMTask(Task):
+class HSMMTask(Task, name="hsmm", metric="nll_per_step", unit="time_steps",
+               data=SeriesDataConfig, model=HSMMConfig):
     """Low-rank (or dense) HSMMs on the weekly CO2 series; metric: NLL per time step."""
 
-    name = "hsmm"
-    metric = "nll_per_step"
-    unit = "time_steps"
-    data_config_class = SeriesDataConfig
-    model_config_class = HSMMConfig
-
-    def __init__(self, data_config: SeriesDataConfig, model_config: HSMMConfig):
-        super().__init__(data_config, model_config)
-        self.data = None
+    data = None
 
     # ---- data ------------------------------------------------------------------------------
     def load_data(self) -> None:

@@ -21,7 +21,7 @@ from lorank.baselines import bigram_lm, evaluate_lm, unigram_lm
 from lorank.config import Config, option
 from lorank.data import load_corpus, sentence_batches
 from lorank.nn.hmm import HMMLanguageModel, HMMLMConfig
-from lorank.tasks.base import Task, register_task, require_splits
+from lorank.tasks.base import Task, require_splits
 
 SPLITS = ("train", "valid", "test")
 
@@ -49,17 +49,13 @@ def vocab_digest(itos: list[str]) -> str:
     return hashlib.sha256(json.dumps(itos).encode()).hexdigest()[:16]
 
 
-class TextTask(Task):
+class TextTask(Task, data=TextDataConfig):
     """Shared by the tasks that model sentences of a text corpus (lm, pcfg): the corpus, its
     vocabulary metadata, n-gram baselines and sampling of word sequences."""
 
-    data_config_class = TextDataConfig
-
-    def __init__(self, data_config: TextDataConfig, model_config: Config):
-        super().__init__(data_config, model_config)
-        self.corpus = None
-        self.vocab_itos: list[str] | None = None  # set from a checkpoint for sampling
-        self._sentences: dict[str, list[torch.Tensor]] = {}
+    corpus = None
+    #: the vocabulary, restored from a checkpoint for sampling without the corpus
+    vocab_itos: list[str] | None = None
 
     def _max_sentence_tokens(self) -> int | None:
         return self.data_config.max_length
@@ -142,14 +138,8 @@ def upgrade_neural_hmm_state(state: dict[str, torch.Tensor], version: int) -> di
     return out
 
 
-@register_task
-class LMTask(TextTask):
+class LMTask(TextTask, name="lm", metric="ppl", unit="tokens", model=HMMLMConfig):
     """Word-level HMM language models; metric: perplexity per token (incl. ``<eos>``)."""
-
-    name = "lm"
-    metric = "ppl"
-    unit = "tokens"
-    model_config_class = HMMLMConfig
 
     def build_model(self) -> nn.Module:
         if self.model_config.vocab_size is None:

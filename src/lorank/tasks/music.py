@@ -26,7 +26,7 @@ from lorank.config import Config, option
 from lorank.data import load_music, music_batches
 from lorank.data.music import LOWEST_MIDI
 from lorank.nn.hmm import MusicHMM, MusicHMMConfig
-from lorank.tasks.base import Task, register_task, require_splits
+from lorank.tasks.base import Task, require_splits
 from lorank.tasks.lm import upgrade_neural_hmm_state
 
 
@@ -74,20 +74,12 @@ def _data_digest(ids: dict[str, list[str]], lengths: dict[str, list[int]]) -> st
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@register_task
-class MusicTask(Task):
+class MusicTask(Task, name="music", metric="nll_per_step", unit="time_steps",
+                data=MusicDataConfig, model=MusicHMMConfig):
     """Polyphonic music with neural HMMs on 88-key piano rolls; metric: NLL per time step."""
 
-    name = "music"
-    metric = "nll_per_step"
-    unit = "time_steps"
-    data_config_class = MusicDataConfig
-    model_config_class = MusicHMMConfig
-
-    def __init__(self, data_config: MusicDataConfig, model_config: MusicHMMConfig):
-        super().__init__(data_config, model_config)
-        self.corpus = None
-        self._baseline: dict[str, float] | None = None
+    corpus = None
+    _baseline: dict[str, float] | None = None
 
     # ---- data ------------------------------------------------------------------------------
     def load_data(self) -> None:

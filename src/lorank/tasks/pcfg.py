@@ -17,7 +17,6 @@ from torch import nn
 
 from lorank.config import option
 from lorank.nn.pcfg import NeuralPCFG, PCFGConfig
-from lorank.tasks.base import register_task
 from lorank.tasks.lm import TextDataConfig, TextTask
 
 
@@ -34,19 +33,16 @@ class PCFGDataConfig(TextDataConfig):
         self._positive_int("eval_max_length", optional=True)
 
 
-@register_task
-class PCFGTask(TextTask):
+class PCFGTask(TextTask, name="pcfg", metric="ppl", unit="tokens", data=PCFGDataConfig,
+               model=PCFGConfig):
     """Neural PCFG language models; metric: perplexity per token (words + end of sentence)."""
 
-    name = "pcfg"
-    metric = "ppl"
-    unit = "tokens"
-    data_config_class = PCFGDataConfig
-    model_config_class = PCFGConfig
+    #: split -> sentences left out (empty, or longer than eval_max_length)
+    dropped: dict[str, int] | None = None
 
-    def __init__(self, data_config: PCFGDataConfig, model_config: PCFGConfig):
-        super().__init__(data_config, model_config)
-        self.dropped: dict[str, int] = {}
+    def use_corpus(self, corpus) -> None:
+        self.dropped = {}
+        super().use_corpus(corpus)
 
     def _max_sentence_tokens(self) -> int | None:
         m = self.data_config.max_length
