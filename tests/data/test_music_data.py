@@ -218,7 +218,7 @@ def test_music_batches_permutation_and_sharding():
     g = torch.Generator().manual_seed(0)
     rolls = [torch.rand(int(t), 88, generator=g) < 0.05 for t in torch.randint(3, 30, (23,))]
     seen = []
-    for batch, lengths, idx in music_batches(rolls, 4, True, 1, return_indices=True):
+    for batch, lengths, idx in music_batches(rolls, 4, shuffle=True, seed=1, return_indices=True):
         assert batch.dtype == torch.float32 and batch.shape == (len(idx), int(lengths.max()), 88)
         for row, i in enumerate(idx.tolist()):
             assert torch.equal(batch[row, : lengths[row]].bool(), rolls[i])
@@ -226,7 +226,7 @@ def test_music_batches_permutation_and_sharding():
         seen += idx.tolist()
     assert sorted(seen) == list(range(23))
     shares = [
-        [i for *_, idx in music_batches(rolls, 4, True, 1, rank=r, world_size=3,
+        [i for *_, idx in music_batches(rolls, 4, shuffle=True, seed=1, rank=r, world_size=3,
                                         return_indices=True) for i in idx.tolist()]
         for r in range(3)
     ]

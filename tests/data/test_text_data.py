@@ -197,7 +197,8 @@ def test_sentence_batches_deterministic_and_seeded():
     sents = _random_sentences(60)
 
     def order(seed):
-        return [i.tolist() for *_, i in sentence_batches(sents, 5, True, seed, return_indices=True)]
+        it = sentence_batches(sents, 5, shuffle=True, seed=seed, return_indices=True)
+        return [i.tolist() for *_, i in it]
 
     assert order(1) == order(1)
     assert order(1) != order(2)
@@ -213,7 +214,8 @@ def test_sharding_disjoint_covering_equal(world_size, max_tokens):
     shares = []
     for rank in range(world_size):
         it = sentence_batches(
-            sents, 6, True, 7, max_tokens=max_tokens, rank=rank, world_size=world_size,
+            sents, 6, shuffle=True, seed=7, max_tokens=max_tokens, rank=rank,
+            world_size=world_size,
             return_indices=True,
         )
         batches = list(it)
@@ -221,7 +223,7 @@ def test_sharding_disjoint_covering_equal(world_size, max_tokens):
             assert all(t.numel() <= max_tokens for t, _, _ in batches)
         shares.append([i for *_, idx in batches for i in idx.tolist()])
         assert len(batches) == len(it)
-    counts = {len(sentence_batches(sents, 6, True, 7, max_tokens=max_tokens, rank=r,
+    counts = {len(sentence_batches(sents, 6, shuffle=True, seed=7, max_tokens=max_tokens, rank=r,
                                    world_size=world_size)) for r in range(world_size)}
     assert len(counts) == 1  # equal number of batches per rank
     flat = [i for s in shares for i in s]

@@ -110,6 +110,36 @@ def length_batches(
     return [sorted(b, key=lambda i: -lens[i]) for b in mine]
 
 
+def padded_batches(
+    items: Sequence[torch.Tensor],
+    batch_size: int,
+    *,
+    max_tokens: int | None = None,
+    fill: float = 0,
+    dtype: torch.dtype | None = None,
+    return_indices: bool = False,
+    **order,
+) -> BatchIterator:
+    """Batches of items of similar length (dimension 0 of each tensor), padded with ``fill``:
+    ``(batch (B, T, *rest), lengths (B,))`` and ``indices (B,)`` with ``return_indices``.
+    ``order``: ``shuffle``, ``seed``, ``rank``, ``world_size`` of :func:`length_batches`."""
+    lengths = torch.tensor([int(x.shape[0]) for x in items], dtype=torch.long)
+    batches = length_batches(lengths, batch_size, max_tokens=max_tokens, **order)
+
+    def collate(idx: list[int]):
+        lens = lengths[idx]
+        first = items[idx[0]]
+        out = torch.full((len(idx), int(lens.max()), *first.shape[1:]), fill,
+                         dtype=dtype or first.dtype)
+        for row, i in enumerate(idx):
+            out[row, : lens[row]] = items[i]
+        if return_indices:
+            return out, lens, torch.tensor(idx, dtype=torch.long)
+        return out, lens
+
+    return BatchIterator(batches, collate)
+
+
 class BatchIterator(Generic[T]):
     """An iterator over precomputed index batches that also knows its length."""
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lorank._checks import check_positive_int
-from lorank.data._batching import BatchIterator, length_batches
+from lorank.data._batching import BatchIterator, padded_batches
 from lorank.data._cache import cache_root, config_digest, file_lock, load_cache, save_cache
 
 #: bump when parsing, quantization, transposition or splitting changes: caches rebuild
@@ -505,39 +505,17 @@ def _corpus_from_tensors(name, grid, transpose, tensors, meta, cache_path) -> Mu
 def music_batches(
     rolls: Sequence[torch.Tensor],
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
     *,
     max_steps: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
     dtype: torch.dtype = torch.float32,
     return_indices: bool = False,
+    **order,
 ) -> BatchIterator:
     """Padded batches of pieces of similar length: yields ``(rolls (B, T, 88) of dtype,
     zero-padded, lengths (B,) LongTensor)`` (and ``indices (B,)`` with ``return_indices``).
 
     ``batch_size`` caps pieces per batch, ``max_steps`` optionally caps ``pieces x longest``.
-    Deterministic given ``seed``; ``rank``/``world_size`` shard as in
+    ``order``: ``shuffle``, ``seed`` (deterministic), ``rank``/``world_size`` (sharding), as in
     :func:`lorank.data.text.sentence_batches`."""
-    lengths = torch.tensor([int(r.shape[0]) for r in rolls], dtype=torch.long)
-    batches = length_batches(
-        lengths,
-        batch_size,
-        max_tokens=max_steps,
-        shuffle=shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-    )
-
-    def collate(idx: list[int]):
-        lens = lengths[idx]
-        out = torch.zeros(len(idx), int(lens.max()), NUM_KEYS, dtype=dtype)
-        for row, i in enumerate(idx):
-            out[row, : lens[row]] = rolls[i].to(dtype)
-        if return_indices:
-            return out, lens, torch.tensor(idx, dtype=torch.long)
-        return out, lens
-
-    return BatchIterator(batches, collate)
+    return padded_batches(rolls, batch_size, max_tokens=max_steps, fill=0, dtype=dtype,
+                          return_indices=return_indices, **order)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lorank._checks import check_positive_int
-from lorank.data._batching import BatchIterator, length_batches
+from lorank.data._batching import BatchIterator, padded_batches
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -510,14 +510,11 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 def sentence_batches(
     sentences: Sequence[torch.Tensor],
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
     *,
     max_tokens: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
     pad_value: int = 0,
     return_indices: bool = False,
+    **order,
 ) -> BatchIterator:
     """Padded batches of sentences of similar length.
 
@@ -526,31 +523,13 @@ def sentence_batches(
     padded with pad_value, lengths (B,) LongTensor)`` with ``T = lengths.max()``, sentences
     longest first; with ``return_indices`` also ``indices (B,)`` into ``sentences``.
 
-    Deterministic given ``seed`` (use ``seed + epoch``); with ``world_size > 1`` every rank must
-    pass the same arguments except ``rank`` and gets a disjoint share with the same number of
-    batches, the shares covering every sentence exactly once (see
-    :func:`lorank.data._batching.length_batches`).  The result is an iterator with ``len()``.
+    ``order``: ``shuffle`` and ``seed`` (deterministic given the seed; use ``seed + epoch``),
+    ``rank`` and ``world_size``: with ``world_size > 1`` every rank must pass the same arguments
+    except ``rank`` and gets a disjoint share with the same number of batches, the shares
+    covering every sentence exactly once (see :func:`lorank.data._batching.length_batches`).
+    The result is an iterator with ``len()``.
     """
-    lengths = torch.tensor([int(s.numel()) for s in sentences], dtype=torch.long)
-    if lengths.numel() and int(lengths.min()) < 1:
+    if any(s.numel() < 1 for s in sentences):
         raise ValueError("sentences must be non-empty")
-    batches = length_batches(
-        lengths,
-        batch_size,
-        max_tokens=max_tokens,
-        shuffle=shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-    )
-
-    def collate(idx: list[int]):
-        lens = lengths[idx]
-        out = torch.full((len(idx), int(lens.max())), pad_value, dtype=torch.long)
-        for row, i in enumerate(idx):
-            out[row, : lens[row]] = sentences[i]
-        if return_indices:
-            return out, lens, torch.tensor(idx, dtype=torch.long)
-        return out, lens
-
-    return BatchIterator(batches, collate)
+    return padded_batches(sentences, batch_size, max_tokens=max_tokens, fill=pad_value,
+                          dtype=torch.long, return_indices=return_indices, **order)

@@ -103,10 +103,8 @@ def semi_nmf(
     else:
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     eps = torch.finfo(dt).eps
-    history: list[float] = []
-    a = _lstsq_left(xw, b)
-    prev = semi_nmf_objective(xw, a, b)
-    for _ in range(n_iter):
+
+    def sweep(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if method == "hals":
             b = _hals_rows(xw, a, b, nonneg_eps=0.0)
         else:
@@ -118,14 +116,27 @@ def semi_nmf(
             den = neg(xta) + pos(ata) @ b
             b = b * ((num + eps) / (den + eps)).sqrt()
         b = _revive_dead_rows(b, generator)
-        a = _lstsq_left(xw, b)
-        obj = semi_nmf_objective(xw, a, b)
+        return _lstsq_left(xw, b), b
+
+    objective = lambda a, b: semi_nmf_objective(xw, a, b)
+    pair, history = _minimize(sweep, objective, (_lstsq_left(xw, b), b), n_iter, tol)
+    out = (pair[0].to(x.dtype), pair[1].to(x.dtype))
+    return (*out, history) if return_history else out
+
+
+def _minimize(sweep, objective, pair, n_iter: int, tol: float):
+    """Apply ``sweep`` to the factor ``pair`` until ``n_iter`` sweeps or a relative decrease
+    of ``objective`` below ``tol``; returns ``(pair, objective after each sweep)``."""
+    history: list[float] = []
+    prev = objective(*pair)
+    for _ in range(n_iter):
+        pair = sweep(*pair)
+        obj = objective(*pair)
         history.append(obj)
         if prev - obj <= tol * max(prev, _TINY):
             break
         prev = obj
-    out = (a.to(x.dtype), b.to(x.dtype))
-    return (*out, history) if return_history else out
+    return pair, history
 
 
 def _lstsq_left(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -210,9 +221,8 @@ def nmf(
         if loss == "frobenius"
         else (lambda w_, h_: kl_divergence(xw, w_ @ h_))
     )
-    history: list[float] = []
-    prev = objective(w, h)
-    for _ in range(n_iter):
+
+    def sweep(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if solver == "hals":
             h = _hals_rows(xw, w, h, nonneg_eps=0.0)
             w = _hals_rows(xw.mT, h.mT, w.mT, nonneg_eps=0.0).mT
@@ -224,10 +234,8 @@ def nmf(
             h = h * (w.mT @ ratio) / w.sum(0).unsqueeze(-1).clamp_min(eps)
             ratio = xw / (w @ h).clamp_min(eps)
             w = w * (ratio @ h.mT) / h.sum(1).unsqueeze(0).clamp_min(eps)
-        obj = objective(w, h)
-        history.append(obj)
-        if prev - obj <= tol * max(prev, _TINY):
-            break
-        prev = obj
+        return w, h
+
+    (w, h), history = _minimize(sweep, objective, (w, h), n_iter, tol)
     out = (w.to(x.dtype), h.to(x.dtype))
     return (*out, history) if return_history else out

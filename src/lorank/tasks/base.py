@@ -98,19 +98,12 @@ class Task:
         """The model of :attr:`model_config` (data-derived fields filled in by load_data)."""
         raise NotImplementedError
 
-    def batches(
-        self,
-        split: str,
-        *,
-        batch_size: int,
-        max_tokens: int | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Iterator:
-        """Batches of ``split``; with ``world_size > 1`` this rank's share (every rank the same
-        number of batches)."""
+    def batches(self, split: str, *, batch_size: int, max_tokens: int | None = None,
+                **order: Any) -> Iterator:
+        """Batches of ``split`` of at most ``batch_size`` sequences and ``max_tokens`` padded
+        units.  ``order``: ``shuffle``, ``seed``, ``rank``, ``world_size`` of
+        :func:`lorank.data._batching.length_batches` (with ``world_size > 1``, this rank's
+        share; every rank gets the same number of batches)."""
         raise NotImplementedError
 
     def to_device(self, batch, device: torch.device):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lorank.config import Config, option
-from lorank.data._batching import BatchIterator, length_batches
+from lorank.data._batching import padded_batches
 from lorank.data.series import co2_splits
 from lorank.nn.hsmm import LHSMM, HSMMConfig
 from lorank.tasks.base import Task, require_splits
@@ -64,20 +64,13 @@ class HSMMTask(Task, name="hsmm", metric="nll_per_step", unit="time_steps",
             init = w[mask]
         return LHSMM(self.model_config, init_data=init)
 
-    def batches(self, split, *, batch_size, max_tokens=None, shuffle=False, seed=0, rank=0,
-                world_size=1):
+    def batches(self, split, *, batch_size, max_tokens=None, **order):
         """``(windows (B, T, 1), lengths (B,))`` batches; ``max_tokens`` caps ``B x T``."""
         if self.data is None:
             raise RuntimeError("call load_data() before batches()")
         windows, lengths = self.data.windows[split], self.data.lengths[split]
-        idx = length_batches(lengths, batch_size, max_tokens=max_tokens, shuffle=shuffle,
-                             seed=seed, rank=rank, world_size=world_size)
-
-        def collate(ix: list[int]):
-            lens = lengths[ix]
-            return windows[ix, : int(lens.max())].clone(), lens.clone()
-
-        return BatchIterator(idx, collate)
+        items = [w[: int(n)] for w, n in zip(windows, lengths, strict=True)]
+        return padded_batches(items, batch_size, max_tokens=max_tokens, **order)
 
     def nll(self, model, batch, generator):
         x, lengths = batch

@@ -86,10 +86,8 @@ class TextTask(Task, data=TextDataConfig):
             self._sentences[split] = self.corpus.sentences(split)
         return self._sentences[split]
 
-    def batches(self, split, *, batch_size, max_tokens=None, shuffle=False, seed=0, rank=0,
-                world_size=1):
-        return sentence_batches(self.sentences(split), batch_size, shuffle=shuffle, seed=seed,
-                                max_tokens=max_tokens, rank=rank, world_size=world_size)
+    def batches(self, split, *, batch_size, max_tokens=None, **order):
+        return sentence_batches(self.sentences(split), batch_size, max_tokens=max_tokens, **order)
 
     def itos(self) -> list[str]:
         if self.corpus is not None:

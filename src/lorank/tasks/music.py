@@ -98,21 +98,12 @@ class MusicTask(Task, name="music", metric="nll_per_step", unit="time_steps",
     def upgrade_state(self, state, version):
         return upgrade_neural_hmm_state(state, version)
 
-    def batches(self, split, *, batch_size, max_tokens=None, shuffle=False, seed=0, rank=0,
-                world_size=1):
+    def batches(self, split, *, batch_size, max_tokens=None, **order):
         """Padded piano-roll batches ``(rolls (B, T, 88) float, lengths (B,))``;
         ``max_tokens`` caps ``pieces x longest`` time steps."""
         if self.corpus is None:
             raise RuntimeError("call load_data() before batches()")
-        return music_batches(
-            self.corpus.rolls(split),
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            max_steps=max_tokens,
-            rank=rank,
-            world_size=world_size,
-        )
+        return music_batches(self.corpus.rolls(split), batch_size, max_steps=max_tokens, **order)
 
     # ---- reporting -------------------------------------------------------------------------
     def independent_keys(self) -> dict[str, float]:
