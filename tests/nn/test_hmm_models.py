@@ -159,3 +159,48 @@ def test_memory_light_matches():
     la, lb = a(tokens, lengths).log_partition, b(tokens, lengths).log_partition
     torch.testing.assert_close(la, lb)
     assert math.isfinite(float(la.detach().sum()))
+
+
+@pytest.mark.parametrize("form", ["kernel", "mixture"])
+def test_embedding_transition_is_the_documented_formula(form):
+    """Chiu, Deng & Rush (2021)'s parameterization: P = rownorm(exp(U W) exp(V W)^T) with
+    transition-only embeddings U, V and one projection W; the mixture form is
+    softmax_r(U W) softmax_states(V W)^T.  Both from the raw parameters, in float64."""
+    model = _model("lhmm", z=7, rank=3, transition="embedding", low_rank_form=form)
+    net = model.transition_net
+    left, right = net.prev_emb @ net.projection, net.next_emb @ net.projection
+    if form == "kernel":
+        want = (left.exp() @ right.exp().T)
+        want = want / want.sum(-1, keepdim=True)
+    else:
+        want = left.softmax(-1) @ right.softmax(0).T
+    torch.testing.assert_close(model.transition().to_dense(), want)
+    # the emission's state embeddings play no part in the transition
+    assert model.transition_net.prev_emb is not model.state_emb
+    with torch.no_grad():
+        model.state_emb.add_(1.0)
+    torch.testing.assert_close(model.transition().to_dense(), want)
+    # initial logits: log phi(g(s)) phi(V)^T
+    start = net.start_mlp(net.start_emb) @ net.projection
+    init = torch.logsumexp(start + right, -1)
+    torch.testing.assert_close(model.init_logits().log_softmax(-1), init.log_softmax(-1))
+
+
+@pytest.mark.parametrize("transition", ["mlp", "embedding"])
+@pytest.mark.parametrize("form", ["kernel", "mixture"])
+def test_dropout_keeps_exactly_the_drawn_states_and_features(transition, form):
+    model = _model("lhmm", z=10, rank=4, transition=transition, low_rank_form=form,
+                   state_dropout=0.3, feature_dropout=0.5).train()
+    states, feats = model.sample_dropout(torch.Generator().manual_seed(2))
+    assert states.numel() == 7 and feats.numel() == 2
+    got = model.transition(states=states, features=feats)
+    net = model.transition_net
+    prev = net.prev_emb if transition == "embedding" else net.prev_mlp(model.state_emb)
+    left = (prev @ net.projection)[states][:, feats]
+    right = (net.next_emb @ net.projection)[states][:, feats]
+    if form == "kernel":
+        want = (left.exp() @ right.exp().T)
+        want = want / want.sum(-1, keepdim=True)
+    else:
+        want = left.softmax(-1) @ right.softmax(0).T
+    torch.testing.assert_close(got.to_dense(), want)

@@ -43,11 +43,13 @@ from lorank.config import Config, option
 from lorank.distributions.hmm import HMM, RankSpaceHMM
 from lorank.factors import Banded, Dense, Factor, LowRank, orthogonal_random_features
 from lorank.nn.emissions import Bernoulli88Emission, EmissionHead, SoftmaxEmission, residual_mlp
-from lorank.semiring import log_matmul
+from lorank.semiring import log_matmul, safe_logsumexp
 
 MODELS = ("hmm", "lhmm", "lhmm_band", "rank_space")
 #: transition networks: "mlp" (Chiu & Rush 2020) or "embedding" (Chiu, Deng & Rush 2021)
 TRANSITIONS = ("mlp", "embedding")
+#: how log-features make a low-rank transition: "kernel" (Chiu, Deng & Rush 2021) or "mixture"
+LOW_RANK_FORMS = ("kernel", "mixture")
 MODEL_ALIASES = {"dense": "hmm", "softmax": "hmm", "lhmm+band": "lhmm_band", "band": "lhmm_band",
                  "rankspace": "rank_space"}
 #: band width of "lhmm_band" when none is given
@@ -71,6 +73,11 @@ class HMMConfig(Config):
                                     "Chiu & Rush 2020) or embedding (transition-only "
                                     "embeddings, shared projection: Chiu, Deng & Rush 2021)",
                              choices=TRANSITIONS)
+    low_rank_form: str = option("kernel", "kernel: P ∝ exp(f(E) W) exp(N W)^T (Chiu, Deng & "
+                                          "Rush 2021); mixture: P = softmax_r(f(E) W) "
+                                          "softmax_states(N W)^T, the same family with the "
+                                          "mixture weights decoupled from the columns' mass",
+                                choices=LOW_RANK_FORMS)
     state_dropout: float = option(0.0, "fraction of states dropped per training batch")
     feature_dropout: float = option(0.0, "fraction of rank features dropped per training batch")
     init_scale: float | None = option(None, "scale of the initial transition log-potentials: "
@@ -83,6 +90,7 @@ class HMMConfig(Config):
     def __post_init__(self) -> None:
         model = self._choice("model", MODELS, MODEL_ALIASES)
         transition = self._choice("transition", TRANSITIONS)
+        self._choice("low_rank_form", LOW_RANK_FORMS)
         self._positive_int("num_states", "hidden")
         self._nonnegative_int("mlp_layers")
         self._probability("state_dropout", "feature_dropout")
@@ -146,6 +154,15 @@ def _subset(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor
     return torch.randperm(n, generator=generator)[:keep].sort().values
 
 
+def low_rank_factor(left: torch.Tensor, right: torch.Tensor, form: str) -> LowRank:
+    """``LowRank(left, right)`` for ``form="kernel"``; for ``"mixture"`` the rows' mixture
+    weights are ``softmax_r(left)`` whatever the columns: ``left`` is shifted by the log mass
+    ``LSE_j right[j, r]`` of each column, which the factor's normalization adds back."""
+    if form == "mixture":
+        left = left - safe_logsumexp(right, dim=-2).unsqueeze(-2)
+    return LowRank(left, right)
+
+
 class TransitionNet(nn.Module):
     """The interface of a :class:`NeuralHMM`'s transition network.
 
@@ -181,6 +198,7 @@ class MLPTransition(TransitionNet):
         self.low_rank = config.low_rank
         self.rank = config.rank
         self.band = config.band
+        self.form = config.low_rank_form
         self.hidden = d
         # f(E) has unit-variance coordinates (LayerNorm), N ~ N(0, 1): dense logits
         # f(E) N^T / sqrt(d) and log-features f(E) W, N W have standard deviation s
@@ -202,7 +220,7 @@ class MLPTransition(TransitionNet):
         if not self.low_rank:
             return Dense(prev @ nxt.T / math.sqrt(self.hidden))
         w = self.projection if features is None else self.projection[:, features]
-        factor: Factor = LowRank(prev @ w, nxt @ w)
+        factor: Factor = low_rank_factor(prev @ w, nxt @ w, self.form)
         if self.band is not None:
             factor = factor + Banded(band_logits(self.band_out(prev), self.band, states),
                                      self.band)
@@ -239,6 +257,7 @@ class EmbeddingTransition(TransitionNet):
         super().__init__()
         z, d = config.num_states, config.hidden
         self.low_rank, self.rank, self.band = config.low_rank, config.rank, config.band
+        self.form = config.low_rank_form
         self.prev_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(z, d)) *
                                      config.init_scale)
         self.next_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(z, d)) *
@@ -268,7 +287,8 @@ class EmbeddingTransition(TransitionNet):
         nxt = self.next_emb if states is None else self.next_emb[states]
         if not self.low_rank:
             return Dense(prev @ nxt.T)
-        factor: Factor = LowRank(self._features(prev, features), self._features(nxt, features))
+        factor: Factor = low_rank_factor(self._features(prev, features),
+                                         self._features(nxt, features), self.form)
         if self.band is not None:
             factor = factor + Banded(band_logits(self.band_out(prev), self.band, states),
                                      self.band)
