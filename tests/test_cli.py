@@ -165,3 +165,17 @@ def test_busy_run_directory_and_orphans(corpus, tmp_path, capsys):
     assert "removed 2 temporary file(s)" in text
     assert "training lhmm (lm): steps 1..3" in text and "step 1/3" in text  # no terminal: lines
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_paper_recipe_sits_under_the_users_options(corpus, tmp_path):
+    out = tmp_path / "paper"
+    assert main(["train", "--recipe", "paper", "--model", "lhmm", "--corpus", str(corpus),
+                 "--states", "32", "--hidden", "8", "--max-steps", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    mc, tc = m["model_config"], m["train_config"]
+    assert (mc["transition"], mc["state_dropout"], mc["feature_dropout"]) == ("embedding", 0.1,
+                                                                            0.1)
+    assert mc["num_states"] == 32 and mc["rank"] == 2  # R = Z / 16 of the user's Z
+    assert (tc["lr"], tc["max_tokens"], tc["lr_factor"], tc["patience"]) == (1e-3, 256, 0.25, 4)
+    assert tc["max_steps"] == 1  # the user's option wins

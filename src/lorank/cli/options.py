@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from lorank.config import Config, ConfigError
@@ -66,12 +67,17 @@ def given(cls: type[Config], args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in cli_fields(cls) if hasattr(args, f.name)}
 
 
-def build(cls: type[Config], args: argparse.Namespace, base: Config | None = None,
+def build(cls: type[Config], args: argparse.Namespace, *layers: Config | Mapping[str, Any],
           **fixed: Any) -> Config:
-    """``base`` (or the defaults) with the user's options and then ``fixed`` applied."""
-    values = given(cls, args)
+    """One config from ``layers`` (a config's fields, or a dict of the fields a preset sets),
+    then the user's options, then ``fixed``, in that order; built once, so defaults that
+    depend on other fields (rank = Z/4) follow the final values."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(layer.to_dict() if isinstance(layer, Config) else layer)
+    values.update(given(cls, args))
     values.update(fixed)
-    return cls.resolve(base, **values)
+    return cls(**values)
 
 
 def describe_error(error: ConfigError, classes: tuple[type[Config], ...]) -> str:

@@ -11,7 +11,6 @@ from typing import Any
 from lorank._io import atomic_write_bytes, atomic_write_json
 from lorank.cli.options import add_config_options, build, given
 from lorank.config import Config
-from lorank.nn.hmm import HMMLMConfig
 from lorank.tasks import TASKS, get_task, task_from_meta
 from lorank.tasks.base import Task
 from lorank.train.checkpoint import CHECKPOINT_NAME, read_metadata
@@ -21,12 +20,26 @@ from lorank.train.trainer import TrainConfig, Trainer
 
 #: the main job (``lorank train`` with no --model): the dense HMM and the LHMM on the same
 #: corpus and budget; on Shakespeare 2 epochs are 2 x 203 steps of <= 4096 tokens
-MAIN_JOB_MODELS = {
-    "hmm": HMMLMConfig(model="hmm", num_states=1024, hidden=128),
-    "lhmm": HMMLMConfig(model="lhmm", num_states=1024, hidden=128),
+MAIN_JOB_MODELS: dict[str, dict[str, Any]] = {
+    "hmm": dict(model="hmm", num_states=1024, hidden=128),
+    "lhmm": dict(model="lhmm", num_states=1024, hidden=128),
 }
-MAIN_JOB_TRAIN = TrainConfig(out="runs/main", epochs=2, batch_size=1024, max_tokens=4096,
-                             lr=1e-2, eval_every=50)
+MAIN_JOB_TRAIN: dict[str, Any] = dict(out="runs/main", epochs=2, batch_size=1024,
+                                      max_tokens=4096, lr=1e-2, eval_every=50)
+
+#: named settings for ``lorank train --recipe NAME`` (task lm), applied under the user's
+#: options; ``rank_divisor`` sets a low-rank model's rank to Z / divisor unless --rank is given
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # Chiu, Deng & Rush (2021), github justinchiu/low-rank-models lhmm/scripts/hmm_commands.sh:
+    # batches of 256 tokens, AdamW lr 1e-3, clip 5, lr / 4 after 4 checks without improvement
+    # (4 checks per epoch), 30 epochs, state and feature dropout 0.1, R = Z / 16, d = 256
+    "paper": {
+        "train": dict(max_tokens=256, batch_size=256, lr=1e-3, clip=5.0, lr_factor=0.25,
+                      patience=4, eval_per_epoch=4, epochs=30),
+        "model": dict(num_states=16384, hidden=256, transition="embedding",
+                      state_dropout=0.1, feature_dropout=0.1, rank_divisor=16),
+    },
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser, task_name: str) -> None:
@@ -34,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser, task_name: str) -> None:
     parser.add_argument("--task", default=argparse.SUPPRESS, choices=sorted(TASKS),
                         help="what to train (default lm: HMM language models; with --resume: "
                              "the run's own task)")
+    parser.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                        help="named settings under your options (lm): paper = Chiu, Deng & "
+                             "Rush (2021)'s PTB recipe (docs/results.md)")
     cls = get_task(task_name) if task_name in TASKS else get_task("lm")
     add_config_options(parser.add_argument_group("training"), TrainConfig)
     add_config_options(parser.add_argument_group(f"data (--task {cls.name})"),
@@ -49,9 +65,28 @@ def config_classes(task_name: str) -> tuple[type[Config], ...]:
     return (TrainConfig, cls.data_config_class, cls.model_config_class)
 
 
-def _task_from_args(cls: type[Task], args: argparse.Namespace, **model_fixed: Any) -> Task:
-    return cls(build(cls.data_config_class, args), build(cls.model_config_class, args,
-                                                         **model_fixed))
+def _recipe(args: argparse.Namespace, cls: type[Task]) -> tuple[dict, dict]:
+    """The recipe's training and model fields (without a recipe: {}, {})."""
+    name = getattr(args, "recipe", None)
+    if name is None:
+        return {}, {}
+    if cls.name != "lm":
+        raise ValueError(f"--recipe {name} applies to --task lm, not {cls.name}")
+    return dict(RECIPES[name]["train"]), dict(RECIPES[name]["model"])
+
+
+def _model_config(cls: type[Task], args: argparse.Namespace, *layers: dict[str, Any],
+                  **fixed: Any) -> Config:
+    """The model config from preset ``layers``, the user's options and ``fixed``; a layer's
+    ``rank_divisor`` gives a low-rank model rank Z / divisor unless --rank is set."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    divisor = merged.pop("rank_divisor", None)
+    config = build(cls.model_config_class, args, merged, **fixed)
+    if divisor and config.rank is not None and "rank" not in given(type(config), args):
+        config = config.replace(rank=max(1, config.num_states // divisor))
+    return config
 
 
 def _print_run(m: dict[str, Any], out: Path) -> None:
@@ -109,11 +144,12 @@ def _train(args: argparse.Namespace, dist: DistContext) -> int:
         if not _main_job_dirs(out):
             raise FileNotFoundError(f"--resume: no run to continue in {str(out)!r} (no "
                                     f"{CHECKPOINT_NAME}, no main-job runs)")
+    train, recipe = _recipe(args, cls)
     if cls.name == "lm" and "model" not in given(cls.model_config_class, args):
         return _main_job(args, dist)
-    task = _task_from_args(cls, args)
+    task = cls(build(cls.data_config_class, args), _model_config(cls, args, recipe))
     task.check_data_source()
-    return _run_one(task, build(TrainConfig, args), dist)
+    return _run_one(task, build(TrainConfig, args, train), dist)
 
 
 def _run_one(task: Task, train: TrainConfig, dist: DistContext) -> int:
@@ -131,14 +167,15 @@ def _main_job_dirs(root: Path) -> list[str]:
 def _main_job(args: argparse.Namespace, dist: DistContext) -> int:
     """Dense HMM vs LHMM on one corpus, with baselines; prints and saves a table."""
     cls = get_task("lm")
-    train = build(TrainConfig, args, MAIN_JOB_TRAIN)
+    recipe_train, recipe = _recipe(args, cls)
+    train = build(TrainConfig, args, MAIN_JOB_TRAIN, recipe_train)
     root = Path(train.out)
     resume = train.resume
     results, task = {}, None
     for name, preset in MAIN_JOB_MODELS.items():
         fixed = {"rank": None} if name == "hmm" else {}
         task = cls(build(cls.data_config_class, args),
-                   build(cls.model_config_class, args, preset, **fixed))
+                   _model_config(cls, args, preset, recipe, **fixed))
         task.check_data_source()
         cfg = train.replace(out=str(root / name), resume=resume and (root / name /
                                                                       CHECKPOINT_NAME).is_file(),
