@@ -18,12 +18,7 @@ from torch import nn
 
 from lorank._io import atomic_save_tensors, atomic_write_json
 from lorank.compress.core import _set_module
-from lorank.compress.modules import (
-    LowRankEmbedding,
-    LowRankLinear,
-    LowRankRNN,
-    build_module,
-)
+from lorank.compress.modules import FACTORIZED_TYPES, build_module
 from lorank.compress.report import CompressionReport
 
 __all__ = ["save_compressed", "load_compressed", "apply_structure", "compressed_structure"]
@@ -37,7 +32,7 @@ REPORT = "compress_report.json"
 def compressed_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: structure dict}`` of every factorized module."""
     return {name: mod.structure() for name, mod in model.named_modules()
-            if isinstance(mod, LowRankLinear | LowRankEmbedding | LowRankRNN)}
+            if isinstance(mod, FACTORIZED_TYPES)}
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
