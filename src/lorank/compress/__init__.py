@@ -2,8 +2,9 @@
 
 ``compress(model, config) -> (model, report)`` replaces the selected ``nn.Linear``,
 ``nn.Embedding``, ``nn.LSTM``/``nn.GRU``, ``nn.Conv1d``/``nn.Conv2d`` (and Hugging Face
-attention / MLP projections, which are ``nn.Linear`` or ``Conv1D``) by factorized modules computed with plain, randomized,
-Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-rank.
+attention / MLP projections, which are ``nn.Linear`` or ``Conv1D``) by factorized modules
+computed with plain, randomized, Fisher-weighted, activation-aware or whitened SVD, semi-NMF,
+or sparse plus low-rank.
 See ``docs/compress.md``.
 """
 

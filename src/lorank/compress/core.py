@@ -148,7 +148,12 @@ def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
     """The modules ``config`` selects, in ``named_modules`` order."""
     types = config.layer_types or LAYER_TYPES
     out = []
+    factorized: list[str] = []  # prefixes of factorized modules: their factors are not targets
     for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in factorized):
+            continue
+        if isinstance(mod, FACTORIZED_TYPES):
+            factorized.append(f"{name}." if name else "")
         kind = _kind(mod)
         if kind is None:
             continue
