@@ -683,7 +683,8 @@ def compress(
     column and lets ``budget_reduction`` measure sensitivity).  Each batch is fed as
     ``forward_fn(model, batch)`` (default :func:`default_forward`).  ``loss_fn(output, batch)``
     gives FWSVD its gradients (HF outputs with ``.loss`` need none).  Latency is measured on
-    ``example_input`` (default: the first calibration batch).
+    ``example_input`` (default: the first calibration batch), and convolutions' FLOPs are
+    counted at the input sizes it produces.
 
     ``config`` fields may also be given as keyword arguments (``compress(m, rank=8)``).
     The model is copied first unless ``config.inplace``.
