@@ -352,6 +352,10 @@ def test_conv_errors():
         CompressConfig(rank=2, conv_decomposition="tucker")
     with pytest.raises(ValueError, match="spatial decomposition needs a Conv2d"):
         ConvFactorization(ConvSpec.of(nn.Conv1d(2, 2, 3)), "spatial")
+    with pytest.raises(ValueError, match=r"stride must have 2 entries, got \(1,\)"):
+        ConvSpec(2, 4, 4, (3, 3), (1,), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=4"):
+        ConvSpec(1, 4, 6, (3,), (1,), (0,), (1,), groups=3)
     with pytest.raises(TypeError, match="expected nn.Conv1d or nn.Conv2d"):
         ConvSpec.of(nn.Conv3d(2, 2, 3))
     msg = r"rank 10 > min\(m, n\) = 8 for 0 \(matrix shape 8x54\)"

@@ -66,6 +66,18 @@ class ConvSpec:
     padding_mode: str = "zeros"
     bias: bool = True
 
+    def __post_init__(self) -> None:
+        if self.dim not in _CONV:
+            raise ValueError(f"dim must be 1 or 2, got {self.dim!r}")
+        for name in ("kernel_size", "stride", "dilation") + \
+                (() if isinstance(self.padding, str) else ("padding",)):
+            v = getattr(self, name)
+            if len(v) != self.dim:
+                raise ValueError(f"{name} must have {self.dim} entries, got {v!r}")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in_channels="
+                             f"{self.in_channels} and out_channels={self.out_channels}")
+
     @classmethod
     def of(cls, conv: nn.Module) -> ConvSpec:
         """The spec of an ``nn.Conv1d`` / ``nn.Conv2d``."""
