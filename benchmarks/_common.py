@@ -53,3 +53,21 @@ def best_time(
         sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def alternating_min_ms(
+    fns: list[Callable[[], object]], repeats: int, warmup: int = 2
+) -> list[float]:
+    """Per function, the fastest of ``repeats`` timed calls in milliseconds, the functions
+    taking turns so that load from other processes hits them alike (median times on a shared
+    2-core machine swing by 2x; the minimum is the stable estimate)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return [min(t) for t in times]

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import alternating_min_ms  # noqa: E402
 
 from lorank.compress import CompressConfig, compress  # noqa: E402
 from lorank.data.text import SHAKESPEARE_TEST, shakespeare_works  # noqa: E402
@@ -130,19 +131,9 @@ def nn_agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 
 def latency_ms(models: list, batch, repeats: int) -> list[float]:
     """Per model, the fastest of ``repeats`` timed forwards of ``batch``, the models taking
-    turns so that load from other processes hits them alike (median times on a shared
-    2-core machine swing by 2x; the minimum is the stable estimate)."""
-    times = [[] for _ in models]
+    turns (:func:`_common.alternating_min_ms`)."""
     with torch.no_grad():
-        for m in models:
-            for _ in range(2):
-                forward(m, batch)
-        for _ in range(repeats):
-            for k, m in enumerate(models):
-                t0 = time.perf_counter()
-                forward(m, batch)
-                times[k].append(1000 * (time.perf_counter() - t0))
-    return [min(t) for t in times]
+        return alternating_min_ms([lambda m=m: forward(m, batch) for m in models], repeats)
 
 
 def main(argv=None) -> int:

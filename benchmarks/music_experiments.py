@@ -89,7 +89,8 @@ def run_one(corpus: str, spec: dict, args, epochs: int) -> dict:
     model_config = MusicHMMConfig(
         model=spec["model"], num_states=args.states, rank=spec["rank"], hidden=args.hidden,
         mlp_layers=args.mlp_layers, emission_layers=args.emission_layers,
-        state_dropout=args.state_dropout)
+        state_dropout=args.state_dropout,
+        low_rank_form=args.low_rank_form if spec["model"] != "hmm" else "kernel")
     task = MusicTask(MusicDataConfig(corpus=corpus, max_pieces=args.max_pieces), model_config)
     cfg = TrainConfig(
         out=os.path.join(args.runs, corpus, spec["name"]),
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp-layers", type=int, default=2)
     ap.add_argument("--emission-layers", type=int, default=1)
     ap.add_argument("--state-dropout", type=float, default=0.0)
+    ap.add_argument("--low-rank-form", default="kernel", help="kernel or mixture (LHMMs)")
     ap.add_argument("--batch-size", type=int, default=16, help="pieces per batch")
     ap.add_argument("--max-steps-per-batch", type=int, default=4096,
                     help="cap on pieces x longest piece per batch")

@@ -64,6 +64,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="layer types to compress (default: linear)")
     p.add_argument("--rnn-matrices", nargs="+", choices=["ih", "hh"], default=["ih", "hh"])
     p.add_argument("--rnn-granularity", choices=["stacked", "per_gate"], default="stacked")
+    p.add_argument("--conv-decomposition", choices=["channel", "spatial"], default="channel",
+                   help="convolutions: channel (C_in -> r with the kernel, then 1x1) or spatial "
+                        "(k x 1 then 1 x k)")
     p.add_argument("--calib-text", default=None,
                    help="text file, one calibration example per line (needed by fwsvd, asvd, "
                         "whitened)")
@@ -97,6 +100,7 @@ def _config_from_args(args) -> CompressConfig:
         energy=args.energy, budget_reduction=args.budget_reduction, target_modules=target,
         exclude_modules=args.exclude, layer_types=tuple(args.layer_types),
         rnn_matrices=tuple(args.rnn_matrices), rnn_granularity=args.rnn_granularity,
+        conv_decomposition=args.conv_decomposition,
         sparse_density=args.sparse_density, seed=args.seed,
         measure_latency=not args.no_latency, inplace=True,
     )

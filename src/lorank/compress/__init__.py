@@ -1,13 +1,15 @@
 """lorank.compress: low-rank compression of trained networks.
 
 ``compress(model, config) -> (model, report)`` replaces the selected ``nn.Linear``,
-``nn.Embedding``, ``nn.LSTM``/``nn.GRU`` (and Hugging Face attention / MLP projections, which
-are ``nn.Linear`` or ``Conv1D``) by factorized modules computed with plain, randomized,
-Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-rank.
+``nn.Embedding``, ``nn.LSTM``/``nn.GRU``, ``nn.Conv1d``/``nn.Conv2d`` (and Hugging Face
+attention / MLP projections, which are ``nn.Linear`` or ``Conv1D``) by factorized modules
+computed with plain, randomized, Fisher-weighted, activation-aware or whitened SVD, semi-NMF,
+or sparse plus low-rank.
 See ``docs/compress.md``.
 """
 
 from lorank.compress.config import DATA_AWARE, METHODS, CompressConfig
+from lorank.compress.conv import ConvFactorization, LowRankConv, SparseLowRankConv
 from lorank.compress.core import (
     compress,
     count_parameters,
@@ -47,6 +49,9 @@ __all__ = [
     "SparseLowRankLinear",
     "LowRankEmbedding",
     "LowRankRNN",
+    "LowRankConv",
+    "SparseLowRankConv",
+    "ConvFactorization",
     "save_compressed",
     "load_compressed",
     "apply_structure",

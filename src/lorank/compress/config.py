@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 METHODS = ("svd", "randomized_svd", "snmf", "fwsvd", "asvd", "whitened", "svd+sparse")
 #: methods that need a calibration data loader
 DATA_AWARE = frozenset({"fwsvd", "asvd", "whitened"})
-LAYER_TYPES = ("linear", "embedding", "lstm", "gru")
+LAYER_TYPES = ("linear", "embedding", "lstm", "gru", "conv")
+CONV_DECOMPOSITIONS = ("channel", "spatial")
 RANK_MODES = ("rank", "param_reduction", "energy", "budget_reduction")
 
 
@@ -18,8 +19,9 @@ class CompressConfig:
 
     Layer selection (PEFT conventions):
 
-    * ``layer_types``: subset of ``("linear", "embedding", "lstm", "gru")`` (``"linear"``
-      includes Hugging Face's ``Conv1D``); None means all four.
+    * ``layer_types``: subset of ``("linear", "embedding", "lstm", "gru", "conv")``
+      (``"linear"`` includes Hugging Face's ``Conv1D``; ``"conv"`` is ``nn.Conv1d`` and
+      ``nn.Conv2d``); None means all of them.
     * ``target_modules``: a list of names — a module matches if its qualified name equals an
       entry or ends with ``"." + entry`` (``["query", "value"]``) — or one string, a regular
       expression that must match the whole qualified name.  None: every module of a selected
@@ -63,6 +65,9 @@ class CompressConfig:
     rnn_matrices: tuple[str, ...] = ("ih", "hh")
     #: LSTM/GRU: "stacked" factorizes the (gates*H) x in matrix, "per_gate" each H x in block
     rnn_granularity: str = "stacked"
+    #: convolutions: "channel" (C_in -> r with the kernel, then r -> C_out 1x1) or "spatial"
+    #: (Conv2d: k_h x 1 then 1 x k_w; Conv1d layers use "channel"); see lorank.compress.conv
+    conv_decomposition: str = "channel"
     asvd_alpha: float = 0.5
     #: relative diagonal damping of the calibration Gram matrix before Cholesky
     whiten_damp: float = 1e-5
@@ -117,6 +122,9 @@ class CompressConfig:
         if self.rnn_granularity not in ("stacked", "per_gate"):
             raise ValueError(f"rnn_granularity must be 'stacked' or 'per_gate', got "
                              f"{self.rnn_granularity!r}")
+        if self.conv_decomposition not in CONV_DECOMPOSITIONS:
+            raise ValueError(f"conv_decomposition must be one of {CONV_DECOMPOSITIONS}, got "
+                             f"{self.conv_decomposition!r}")
         if not 0 <= self.sparse_density < 1:
             raise ValueError(f"sparse_density must lie in [0, 1), got {self.sparse_density!r}")
         if self.whiten_damp < 0:

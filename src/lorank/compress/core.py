@@ -14,8 +14,18 @@ import torch
 from torch import nn
 
 from lorank import linalg
-from lorank.compress.config import CompressConfig
+from lorank.compress.config import LAYER_TYPES, CompressConfig
+from lorank.compress.conv import (
+    ConvFactorization,
+    ConvSpec,
+    LowRankConv,
+    SparseLowRankConv,
+    conv_costs,
+    is_conv,
+    record_input_sizes,
+)
 from lorank.compress.modules import (
+    FACTORIZED_TYPES,
     LowRankEmbedding,
     LowRankLinear,
     LowRankRNN,
@@ -96,7 +106,7 @@ def measure_latency(model: nn.Module, batch: object, forward_fn: ForwardFn = def
 @dataclass
 class _Target:
     name: str
-    kind: str  # linear | conv1d | embedding | rnn
+    kind: str  # linear | conv1d (HF Conv1D) | conv (nn.Conv1d/2d) | embedding | rnn
     module: nn.Module
 
     @property
@@ -109,7 +119,7 @@ class _Target:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, LowRankLinear | LowRankEmbedding):
+    if isinstance(module, LowRankLinear | LowRankEmbedding | LowRankConv):
         return None  # already factorized
     if isinstance(module, LowRankRNN):
         return "rnn"
@@ -121,6 +131,8 @@ def _kind(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, nn.LSTM | nn.GRU):
         return "rnn"
+    if is_conv(module):
+        return "conv"
     return None
 
 
@@ -134,9 +146,14 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
 
 def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
     """The modules ``config`` selects, in ``named_modules`` order."""
-    types = config.layer_types or ("linear", "embedding", "lstm", "gru")
+    types = config.layer_types or LAYER_TYPES
     out = []
+    factorized: list[str] = []  # prefixes of factorized modules: their factors are not targets
     for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in factorized):
+            continue
+        if isinstance(mod, FACTORIZED_TYPES):
+            factorized.append(f"{name}." if name else "")
         kind = _kind(mod)
         if kind is None:
             continue
@@ -204,8 +221,18 @@ class _Matrix:
     weight: torch.Tensor  # the dense M, detached (out x in)
     blocks: int = 1
     stats: _Stats = field(default_factory=_Stats)
-    chol: torch.Tensor | None = None
+    chols: dict[int, torch.Tensor] = field(default_factory=dict)
     spectra: list[torch.Tensor] | None = None
+    #: convolutions: the weight <-> matrix map, per-group input statistics (each group sees
+    #: other input channels) and, when the matrix's inputs are not the convolution's patches
+    #: (spatial decomposition), per-group statistics of those patches for the output error
+    conv: ConvFactorization | None = None
+    block_stats: list[_Stats] | None = None
+    error_stats: list[_Stats] | None = None
+
+    def input_stats(self, g: int) -> _Stats:
+        """Statistics of the inputs of block g."""
+        return self.stats if self.block_stats is None else self.block_stats[g]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -230,8 +257,12 @@ class _Matrix:
     def set_dense(self, w: torch.Tensor) -> None:
         """Overwrite the live parameter with the out x in matrix ``w``."""
         p = self.param()
+        if self.conv is not None:
+            w = self.conv.weight(w)
+        elif self.target.kind in ("conv1d", "embedding"):
+            w = w.mT
         with torch.no_grad():
-            p.copy_(w.mT if self.target.kind in ("conv1d", "embedding") else w)
+            p.copy_(w)
 
 
 def _matrices(targets: list[_Target], config: CompressConfig) -> list[_Matrix]:
@@ -241,6 +272,14 @@ def _matrices(targets: list[_Target], config: CompressConfig) -> list[_Matrix]:
             out.append(_Matrix(t.name, t, None, t.module.weight.detach()))
         elif t.kind in ("conv1d", "embedding"):
             out.append(_Matrix(t.name, t, None, t.module.weight.detach().mT))
+        elif t.kind == "conv":
+            dec = config.conv_decomposition if t.module.weight.dim() == 4 else "channel"
+            fac = ConvFactorization(ConvSpec.of(t.module), dec)
+            g = fac.blocks
+            out.append(_Matrix(t.name, t, None, fac.matrix(t.module.weight.detach()), g,
+                               conv=fac, block_stats=[_Stats() for _ in range(g)],
+                               error_stats=[_Stats() for _ in range(g)]
+                               if dec == "spatial" else None))
         else:
             g = t.module.num_gates if config.rnn_granularity == "per_gate" else 1
             for name in t.module.matrix_names():
@@ -267,6 +306,10 @@ def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, ne
             def pre_emb(mod, args, mx=mx):
                 mx.stats.add_tokens(args[0], mod.num_embeddings)
             hooks.append(t.module.register_forward_pre_hook(pre_emb))
+        elif t.kind == "conv":
+            def pre_conv(mod, args, mx=mx):
+                _add_conv_stats(mx, args[0], config.max_gram_features)
+            hooks.append(t.module.register_forward_pre_hook(pre_conv))
         else:
             table = by_rnn.setdefault(id(t.module), {})
             table[mx.rnn_name] = mx
@@ -297,7 +340,9 @@ def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, ne
                     if g is None:
                         continue
                     g = g.detach().to(torch.float64) ** 2
-                    if mx.target.kind in ("conv1d", "embedding"):
+                    if mx.conv is not None:
+                        g = mx.conv.matrix(g)
+                    elif mx.target.kind in ("conv1d", "embedding"):
                         g = g.mT
                     mx.stats.fisher = g if mx.stats.fisher is None else mx.stats.fisher + g
             else:
@@ -314,6 +359,18 @@ def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, ne
         model.train(was_training)
     if n_batches == 0:
         raise ValueError("the calibration data yielded no batch")
+
+
+def _add_conv_stats(mx: _Matrix, x: torch.Tensor, max_gram_features: int) -> None:
+    """Per-group statistics of the im2col patches the factorized matrix sees (and of the
+    original convolution's patches when they differ)."""
+    pairs = [(mx.block_stats, mx.conv.features)]
+    if mx.error_stats is not None:
+        pairs.append((mx.error_stats, mx.conv.full_features))
+    for stats, features in pairs:
+        feats = features(x.detach())
+        for g, st in enumerate(stats):
+            st.add(feats[:, g], feats.shape[-1] <= max_gram_features)
 
 
 def _loss(out, batch, loss_fn) -> torch.Tensor:
@@ -336,8 +393,8 @@ def _loss(out, batch, loss_fn) -> torch.Tensor:
 
 
 def _needs_stats(mx: _Matrix, method: str) -> None:
-    s = mx.stats
-    if method == "fwsvd" and s.fisher is None:
+    s = mx.input_stats(0)
+    if method == "fwsvd" and mx.stats.fisher is None:
         raise ValueError(f"{mx.key}: no Fisher information collected")
     if method in ("asvd", "whitened") and s.count == 0:
         raise ValueError(f"{mx.key}: no calibration input reached this layer (was it called "
@@ -359,10 +416,15 @@ def _col_scale_embedding(mx: _Matrix, config: CompressConfig, method: str) -> to
     return s.clamp_min(float(s.max()) * 1e-6 if float(s.max()) > 0 else 1.0)
 
 
-def _chol(mx: _Matrix, config: CompressConfig) -> torch.Tensor:
-    if mx.chol is None:
-        mx.chol = linalg.whitening_factor(mx.stats.gram, config.whiten_damp)
-    return mx.chol
+def _chol(mx: _Matrix, config: CompressConfig, g: int) -> torch.Tensor:
+    if g not in mx.chols:
+        mx.chols[g] = linalg.whitening_factor(mx.input_stats(g).gram, config.whiten_damp)
+    return mx.chols[g]
+
+
+def _act_scale(mx: _Matrix, g: int) -> torch.Tensor:
+    st = mx.input_stats(g)
+    return st.abs_sum / st.count
 
 
 def _spectrum(mx: _Matrix, g: int, config: CompressConfig) -> torch.Tensor:
@@ -378,10 +440,10 @@ def _spectrum(mx: _Matrix, g: int, config: CompressConfig) -> torch.Tensor:
         elif method in ("asvd", "whitened") and mx.target.kind == "embedding":
             w = w * _col_scale_embedding(mx, config, method).cpu()
         elif method == "asvd":
-            s = (mx.stats.abs_sum / mx.stats.count).cpu() ** config.asvd_alpha
+            s = _act_scale(mx, g).cpu() ** config.asvd_alpha
             w = w * s.clamp_min(max(float(s.max()), 1.0) * 1e-6)
         elif method == "whitened":
-            w = w @ _chol(mx, config).cpu()
+            w = w @ _chol(mx, config, g).cpu()
         mx.spectra[g] = torch.linalg.svdvals(w)
     return mx.spectra[g]
 
@@ -412,9 +474,9 @@ def _factor_block(mx: _Matrix, g: int, rank: int, config: CompressConfig, gen):
         cs = _col_scale_embedding(mx, config, method).to(w.device)
         return (*linalg.scaled_svd(w, rank, col_scale=cs), None)
     if method == "asvd":
-        act = (mx.stats.abs_sum / mx.stats.count).to(w.device)
+        act = _act_scale(mx, g).to(w.device)
         return (*linalg.activation_aware_svd(w, rank, act, alpha=config.asvd_alpha), None)
-    return (*linalg.whitened_svd(w, rank, chol=_chol(mx, config).to(w.device)), None)
+    return (*linalg.whitened_svd(w, rank, chol=_chol(mx, config, g).to(w.device)), None)
 
 
 def _factorize(mx: _Matrix, rank: int, config: CompressConfig, gen):
@@ -569,6 +631,37 @@ def _matrix_flops(kind: str, m: int, n: int) -> int:
     return 0 if kind == "embedding" else 2 * m * n
 
 
+def _conv_module(mx: _Matrix, a: torch.Tensor, b: torch.Tensor,
+                 s: torch.Tensor | None) -> LowRankConv:
+    bias = mx.target.module.bias
+    bias = None if bias is None else bias.detach()
+    if s is not None:
+        return SparseLowRankConv.from_sparse_factors(mx.conv, a, b, s, bias)
+    return LowRankConv.from_factors(mx.conv, a, b, bias)
+
+
+def _conv_note(fac: ConvFactorization, size: tuple[int, ...] | None) -> str:
+    where = "per output position (no input size recorded)" if size is None else \
+        f"per example at input {'x'.join(map(str, size))}"
+    return f"{fac.decomposition} decomposition; FLOPs {where}"
+
+
+def _conv_break_even(mx: _Matrix, rank: int, config: CompressConfig,
+                     size: tuple[int, ...] | None) -> str | None:
+    """Why a rank-``rank`` factorization of a convolution would not save parameters or
+    FLOPs (counted on the modules it would build), or None."""
+    nnz = 0
+    if config.method == "svd+sparse":
+        nnz = mx.blocks * linalg.nnz_for_density(mx.block_shape, config.sparse_density)
+    skeleton = SparseLowRankConv(mx.conv, rank, nnz, device="meta") if nnz else \
+        LowRankConv(mx.conv, rank, device="meta")
+    (p0, f0), (p1, f1) = conv_costs(mx.target.module, size), conv_costs(skeleton, size)
+    for what, old, new in (("parameters", p0, p1), ("FLOPs", f0, f1)):
+        if new >= old:
+            return f"rank {rank} would not save {what} ({new:,} >= {old:,}): kept dense"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # the public entry points
 
@@ -590,7 +683,8 @@ def compress(
     column and lets ``budget_reduction`` measure sensitivity).  Each batch is fed as
     ``forward_fn(model, batch)`` (default :func:`default_forward`).  ``loss_fn(output, batch)``
     gives FWSVD its gradients (HF outputs with ``.loss`` need none).  Latency is measured on
-    ``example_input`` (default: the first calibration batch).
+    ``example_input`` (default: the first calibration batch), and convolutions' FLOPs are
+    counted at the input sizes it produces.
 
     ``config`` fields may also be given as keyword arguments (``compress(m, rank=8)``).
     The model is copied first unless ``config.inplace``.
@@ -636,6 +730,9 @@ def compress(
             model = _set_module(model, t.name, new)
             t.module = new
     matrices = _matrices(targets, config)
+    convs = {t.name: t.module for t in targets if t.kind == "conv"}
+    sizes = record_input_sizes(model, convs, example_input, forward_fn) \
+        if convs and example_input is not None else {}
     if calibration_list is not None:
         _collect_stats(model, matrices, calibration_list, forward_fn, config, loss_fn,
                        need_fisher=config.method == "fwsvd")
@@ -648,7 +745,7 @@ def compress(
         # weighed: they stay dense, with a note
         for mx in matrices:
             missing = mx.stats.fisher is None if config.method == "fwsvd" else \
-                mx.stats.count == 0
+                mx.input_stats(0).count == 0
             if missing:
                 unused.add(id(mx))
                 why = "the loss has no gradient" if config.method == "fwsvd" else \
@@ -672,6 +769,7 @@ def compress(
     report = CompressionReport(method=config.method, rank_mode=config.rank_mode,
                                config=config.to_dict())
     factors_by_target: dict[int, dict[str, tuple]] = {}
+    built: dict[int, nn.Module] = {}  # convolutions, built to count their costs
     rows: list[LayerReport] = []
     for mx, r in zip(matrices, ranks, strict=True):
         m, n = mx.shape
@@ -680,7 +778,16 @@ def compress(
         before = m * n
         flops_before = _matrix_flops(mx.target.kind, m, n)
         notes = notes_by_key[mx.key]
-        if r is not None and not linalg.saves_parameters(mb, nb, r):
+        if mx.conv is not None:
+            size = sizes.get(mx.target.name)
+            flops_before = conv_costs(mx.target.module, size)[1]
+            notes.append(_conv_note(mx.conv, size))
+            if r is not None:
+                why = _conv_break_even(mx, r, config, size)
+                if why:
+                    notes.append(why)
+                    r = None
+        elif r is not None and not linalg.saves_parameters(mb, nb, r):
             notes.append(f"rank {r} >= {mb}*{nb}/({mb}+{nb}) = {mb * nb / (mb + nb):.1f} "
                          f"would not save parameters: kept dense")
             r = None
@@ -702,13 +809,18 @@ def compress(
         flops_after = 2 * (mx.blocks * r * (mb + nb) + nnz)
         if mx.target.kind == "embedding":
             flops_after = 2 * r * m  # r x dim projection per token; the lookup is free
+        if mx.conv is not None:
+            built[id(mx.target)] = _conv_module(mx, a, b, s)
+            after, flops_after = conv_costs(built[id(mx.target)], size)
         factors_by_target.setdefault(id(mx.target), {})[mx.key] = (a, b, s)
         rows.append(LayerReport(mx.key, kind, (m, n), r, "factorized", before, after,
                                 flops_before, flops_after, werr, oerr, mx.blocks,
                                 "; ".join(notes)))
     for t in targets:
         facs = factors_by_target.get(id(t))
-        if facs:
+        if id(t) in built:
+            model = _set_module(model, t.name, built[id(t)])
+        elif facs:
             model = _set_module(model, t.name, _build_replacement(t, facs))
         elif t.kind == "rnn" and not t.module.factorized:
             model = _set_module(model, t.name, t.module.merge())
@@ -737,12 +849,21 @@ def _output_error(mx: _Matrix, diff: torch.Tensor) -> float | None:
         c = s.counts.to(diff.device)
         num = float(((diff ** 2).sum(0) * c).sum())
         den = float(((w ** 2).sum(0) * c).sum())
-    elif s.gram is not None:
-        g = s.gram.to(diff.device)
-        num = float(((diff @ g) * diff).sum())
-        den = float(((w @ g) * w).sum())
     else:
-        return None
+        stats = mx.block_stats or [s]
+        if mx.error_stats is not None:  # spatial convolution: the error of its output
+            stats = mx.error_stats
+            cout = mx.conv.spec.out_channels
+            diff, w = (mx.conv.weight(t).reshape(cout, -1) for t in (diff, w))
+        if any(st.gram is None for st in stats):
+            return None
+        rows = w.shape[0] // len(stats)
+        num = den = 0.0
+        for g, st in enumerate(stats):
+            gram = st.gram.to(diff.device)
+            d, wg = diff[g * rows:(g + 1) * rows], w[g * rows:(g + 1) * rows]
+            num += float(((d @ gram) * d).sum())
+            den += float(((wg @ gram) * wg).sum())
     return math.sqrt(max(num, 0.0) / den) if den > 0 else None
 
 
@@ -751,7 +872,7 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
     returns the model (a new object only if the model itself was factorized)."""
     wanted = None if names is None else set(names)
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, LowRankLinear | LowRankEmbedding | LowRankRNN)
+             if isinstance(m, FACTORIZED_TYPES)
              and (wanted is None or n in wanted)]
     if wanted is not None:
         missing = wanted - {n for n, _ in found}

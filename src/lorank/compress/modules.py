@@ -7,6 +7,7 @@
 * :class:`LowRankEmbedding`: a rank-r table followed by an r -> dim projection.
 * :class:`LowRankRNN`: LSTM/GRU whose input (``ih``) and recurrent (``hh``) matrices are
   each dense or factorized, stacked over the gates or per gate.
+* :class:`~lorank.compress.conv.LowRankConv` (in ``lorank.compress.conv``): Conv1d/Conv2d.
 
 Every module has ``merge()`` returning the equivalent dense PyTorch module and
 ``structure()`` returning the JSON-able description :func:`build_module` rebuilds it from.
@@ -19,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorank.compress.conv import LowRankConv, build_conv_module
 
 __all__ = [
     "LowRankLinear",
@@ -489,7 +492,7 @@ class LowRankRNN(nn.Module):
                 f"num_layers={self.num_layers}), factorized={{{fac}}}")
 
 
-FACTORIZED_TYPES = (LowRankLinear, LowRankEmbedding, LowRankRNN)
+FACTORIZED_TYPES = (LowRankLinear, LowRankEmbedding, LowRankRNN, LowRankConv)
 
 #: more module types that save and rebuild themselves: type name -> class with a
 #: ``structure()`` method and a ``from_structure(spec)`` classmethod
@@ -535,4 +538,6 @@ def build_module(spec: dict) -> nn.Module:
             mod.factorize(name, dense.new_zeros(g, dense.shape[0] // g, r),
                           dense.new_zeros(g, r, dense.shape[1]))
         return mod
+    if kind in ("LowRankConv", "SparseLowRankConv"):
+        return build_conv_module(spec)
     raise ValueError(f"unknown factorized module type {kind!r}")

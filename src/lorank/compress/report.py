@@ -16,7 +16,10 @@ class LayerReport:
     ``params_*`` count the matrix's weights only (biases are untouched and excluded);
     ``flops_*`` are per input vector (token / time step): ``2 m n`` dense, ``2 r (m + n)``
     factorized (+ ``2 nnz`` sparse); an embedding lookup counts 0 dense and ``2 r dim``
-    factorized.  ``weight_error`` is ``||W - W'||_F / ||W||_F``; ``output_error`` is
+    factorized.  Convolutions (kind ``"conv"``, shape that of the factorized matrix) count
+    both from the modules (:func:`lorank.compress.conv.conv_costs`), FLOPs per example at the
+    input size seen by ``example_input`` (per output position when none was given).
+    ``weight_error`` is ``||W - W'||_F / ||W||_F``; ``output_error`` is
     ``||(W - W') X^T||_F / ||W X^T||_F`` over the calibration inputs X (when collected)."""
 
     name: str
