@@ -73,10 +73,11 @@ def test_rank_space_model_equals_lhmm():
 
 @pytest.mark.parametrize("name", ["hmm", "lhmm", "lhmm_band"])
 def test_state_dropout_restricts_the_full_model(name):
-    """The training-mode transition over a subset of states is the full model's potentials
-    restricted to the subset, renormalized (the band included: it links states whose full
-    indices are within w)."""
-    model = _model(name, z=9, rank=3, state_dropout=0.4)
+    """With the kernel form, the training-mode transition over a subset of states is the full
+    model's potentials restricted to the subset, renormalized (the band included: it links
+    states whose full indices are within w).  (The mixture form renormalizes each topic over
+    the kept states instead: test_dropout_keeps_exactly_the_drawn_states_and_features.)"""
+    model = _model(name, z=9, rank=3, state_dropout=0.4, low_rank_form="kernel")
     g = torch.Generator().manual_seed(0)
     states, feats = model.train().sample_dropout(g)
     assert feats is None and states.numel() == round(9 * 0.6)
@@ -97,7 +98,7 @@ def test_state_dropout_restricts_the_full_model(name):
 
 
 def test_feature_dropout_keeps_a_subset_of_rank_features():
-    model = _model("lhmm", z=8, rank=4, feature_dropout=0.5).train()
+    model = _model("lhmm", z=8, rank=4, feature_dropout=0.5, low_rank_form="kernel").train()
     states, feats = model.sample_dropout(torch.Generator().manual_seed(1))
     assert states is None and feats.numel() == 2
     f = model.transition(features=feats)

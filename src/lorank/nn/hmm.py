@@ -21,7 +21,9 @@ Regularization as in the papers, active only in training mode and driven by an e
 ``torch.Generator`` (so data-parallel ranks and resumed runs draw the same subsets):
 
 * state dropout: each batch uses a random subset of ``round(Z (1 - p))`` states: init,
-  transition and emission are all restricted to it (a smaller HMM, hence also faster);
+  transition and emission are all restricted to it (a smaller HMM, hence also faster; the
+  kernel form restricts the potentials, the mixture form renormalizes each topic over the
+  kept states);
 * feature dropout: each batch keeps a random subset of ``round(R (1 - p))`` rank features
   (dropping a feature zeroes a column of ``phi``; the row normalization absorbs the usual
   ``1 / (1 - p)`` rescaling).
@@ -60,7 +62,8 @@ DEFAULT_BAND = 4
 class HMMConfig(Config):
     """Settings of a :class:`NeuralHMM`: the transition model, sizes and regularization."""
 
-    LEGACY = {"transition": "mlp", "init_scale": 3.0}  # runs written before these fields
+    #: runs written before these fields existed
+    LEGACY = {"transition": "mlp", "init_scale": 3.0, "low_rank_form": "kernel"}
 
     model: str = option("lhmm", "hmm (dense softmax), lhmm, lhmm_band or rank_space",
                         choices=MODELS)
@@ -73,10 +76,10 @@ class HMMConfig(Config):
                                     "Chiu & Rush 2020) or embedding (transition-only "
                                     "embeddings, shared projection: Chiu, Deng & Rush 2021)",
                              choices=TRANSITIONS)
-    low_rank_form: str = option("kernel", "kernel: P ∝ exp(f(E) W) exp(N W)^T (Chiu, Deng & "
-                                          "Rush 2021); mixture: P = softmax_r(f(E) W) "
-                                          "softmax_states(N W)^T, the same family with the "
-                                          "mixture weights decoupled from the columns' mass",
+    low_rank_form: str = option("mixture", "mixture: P = softmax_r(f(E) W) softmax_states(N W)^T;"
+                                           " kernel: P ∝ exp(f(E) W) exp(N W)^T (Chiu, Deng & "
+                                           "Rush 2021), the same family with the mixture weights "
+                                           "coupled to the columns' mass",
                                 choices=LOW_RANK_FORMS)
     state_dropout: float = option(0.0, "fraction of states dropped per training batch")
     feature_dropout: float = option(0.0, "fraction of rank features dropped per training batch")
@@ -134,7 +137,7 @@ class HMMLMConfig(HMMConfig):
 class MusicHMMConfig(HMMConfig):
     """Settings of a :class:`MusicHMM` (88-key Bernoulli emissions)."""
 
-    LEGACY = {"transition": "mlp", "init_scale": 1.0}
+    LEGACY = {"transition": "mlp", "init_scale": 1.0, "low_rank_form": "kernel"}
 
     num_states: int = option(256, "number of states Z", flag="--states")
     hidden: int = option(128, "embedding size d")
