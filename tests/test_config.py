@@ -63,7 +63,7 @@ VARIANTS = {
                        weight_decay=0.1, clip=2.0, lr_factor=0.25, patience=4, min_lr=1e-4,
                        eval_per_epoch=2, eval_every=3, eval_test=False, checkpoint_every=5,
                        seed=7, resume=True, overwrite=True, device="cpu", progress=False,
-                       threads=1, log_every=5.0)],
+                       threads=1, log_every=5.0, schedule="linear")],
 }
 
 

@@ -159,3 +159,15 @@ def test_time_budget_stops_training_and_evaluates(tiny_corpus, tmp_path):
     assert 1 <= m["steps"] < 50 * 4  # stopped early, by time
     assert m["train_seconds"] >= 0.2 and m["train_seconds"] < 0.2 + 5.0
     assert m["history"][-1]["step"] == m["steps"]  # evaluated where it stopped
+
+
+def test_linear_schedule_reaches_min_lr_and_resumes(tiny_corpus, tmp_path):
+    kw = dict(schedule="linear", lr=0.05, min_lr=0.005, max_steps=5, eval_every=2)
+    trainer, m = _fit(tiny_corpus, tmp_path / "run", **kw)
+    lrs = [h["lr"] for h in m["history"]]  # after steps 2, 4, 5: lr of the last step taken
+    want = [0.05 + (0.005 - 0.05) * s / 4 for s in (1, 3, 4)]
+    assert lrs == pytest.approx(want)
+    # the schedule follows the run's budget: a resumed run continues it from its step
+    _fit(tiny_corpus, tmp_path / "cut", **dict(kw, max_steps=2))
+    _, resumed = _fit(tiny_corpus, tmp_path / "cut", **dict(kw, resume=True))
+    assert [h["lr"] for h in resumed["history"]][1:] == pytest.approx(want[1:])

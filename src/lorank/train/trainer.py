@@ -71,6 +71,10 @@ class TrainConfig(Config):
     lr: float = option(1e-2, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     clip: float = option(5.0, "gradient-norm clipping")
+    schedule: str = option("plateau", "learning-rate schedule: plateau (multiply by --lr-factor "
+                                      "after --patience evaluations without improvement) or "
+                                      "linear (from --lr to --min-lr over the run's steps)",
+                           choices=("plateau", "linear"))
     lr_factor: float = option(0.5, "reduce-on-plateau factor")
     patience: int = option(1, "evaluations without improvement before the lr is reduced")
     min_lr: float = option(1e-5, "smallest learning rate of the schedule")
@@ -99,6 +103,7 @@ class TrainConfig(Config):
                            "eval_every", "checkpoint_every", "threads", optional=True)
         self._positive_float("lr", "clip", "min_lr", "log_every")
         self._positive_float("max_seconds", optional=True)
+        self._choice("schedule", ("plateau", "linear"))
         self._probability("lr_factor")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise self._error("weight_decay", f"weight_decay must be >= 0, got "
@@ -344,11 +349,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return local_nll, total
 
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def _after_eval(self, val: dict[str, float], bar) -> None:
         st, d = self.state, self.dist
         metric = self.task.metric
         value = val[metric]
-        self.scheduler.step(value)
+        if self.config.schedule == "plateau":
+            self.scheduler.step(value)
         window = d.all_reduce_sum([st.window_nll, st.window_units]).tolist()
         train_value = self.task.metric_value(window[0], int(window[1])) if window[1] else None
         window_steps = st.window_steps
@@ -456,6 +466,8 @@ class Trainer:
                 next(it)
             while st.batch_in_epoch < self._steps_per_epoch and st.step < total:
                 micro = [next(it) for _ in range(acc)]
+                if cfg.schedule == "linear":
+                    self._set_lr(cfg.lr + (cfg.min_lr - cfg.lr) * st.step / max(1, total - 1))
                 thr.start()
                 local_nll, units = self._step(micro)
                 thr.stop(units)
