@@ -49,7 +49,9 @@ def _root(root_logp, top_nt, term, lengths):
     return safe_logsumexp(root_logp + torch.cat([top_nt, top_pt], -1), -1)
 
 
-def _pad_term(term: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def pad_terminal(term: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``term`` with the word scores past each sentence's length replaced by 0 (a new tensor),
+    so that padding never contributes -inf or NaN."""
     steps = torch.arange(term.shape[1], device=term.device)
     valid = (steps.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
     return torch.where(valid, term, torch.zeros_like(term))
@@ -69,7 +71,7 @@ def inside(
     "children", "cp" or "rank_space").  With ``return_chart``, also the nonterminal chart
     (B, n, n+1, m) of log inside scores indexed by (start, width) (not in rank space)."""
     kind = kind or rules.inside_kind
-    term = _pad_term(term, lengths)
+    term = pad_terminal(term, lengths)
     if kind == "children":
         return inside_children(root_logp, rules.child_operators(), rules.num_nonterminals,
                                term, lengths, span_pot, label_pot, return_chart)
@@ -206,7 +208,7 @@ def max_chart(
     """Max-product inside chart over nonterminals (B, n, n+1, m) on the dense ``log T``
     ((m, S, S) or (B, m, S, S)).  Max does not factor through a rank, so this is
     O(n^3 S^2 + n^2 S^2 m) whatever the factorization (heads processed in chunks)."""
-    term = _pad_term(term, lengths)
+    term = pad_terminal(term, lengths)
     b, n, p = term.shape
     m = log_rules.shape[-3]
     batched = log_rules.dim() == 4
@@ -253,7 +255,8 @@ def decode(
     expanded in lock-step (pre-order, one node per step; the stack is a tensor).
 
     Returns trees (num, B, 2n-1, 3) long: rows ``(start, end_exclusive, symbol)`` in pre-order,
-    padded with -1.
+    padded with -1; all rows -1 (the "no tree" sentinel) for a sentence without a finite-score
+    tree.
     """
     b, n, _, s = chart.shape
     m = log_rules.shape[-3]
@@ -274,7 +277,9 @@ def decode(
     stack[:, 0, 0] = 0
     stack[:, 0, 1] = lens
     stack[:, 0, 2] = root_sym
-    sp = torch.ones(nn_, dtype=torch.long, device=dev)
+    # an impossible sentence (no tree has a finite score) starts with an empty stack: its
+    # output stays the all -1 "no tree" sentinel
+    sp = torch.isfinite(top.amax(-1)).long()
     out = torch.full((nn_, 2 * n - 1, 3), -1, dtype=torch.long, device=dev)
     ks = torch.arange(1, max(n, 2), device=dev)  # candidate split offsets 1..n-1
     batched = log_rules.dim() == 4

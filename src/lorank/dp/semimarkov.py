@@ -170,7 +170,8 @@ def backtrack(
     argmax it draws exact posterior samples.
 
     ``columns(j)``: ``log P[:, j]`` (..., Z) for indices j (num, B).  Returns ``(states,
-    starts)``: (num, B, T) long (-1 at padding) and bool (True where a segment begins).
+    starts)``: (num, B, T) long (-1 at padding) and bool (True where a segment begins); all -1
+    and no start for a sequence whose messages are all ``-inf`` at its end.
     """
     b, t_len, k, z = seg.shape
     dev = seg.device
@@ -179,8 +180,10 @@ def backtrack(
     states = torch.full((num, b, t_len), PAD, dtype=torch.long, device=dev)
     starts = torch.zeros((num, b, t_len), dtype=torch.bool, device=dev)
     end = (lengths - 1).expand(num, b).clone()
-    state = pick(alpha[batch, end])  # (num, B)
-    active = torch.ones((num, b), dtype=torch.bool, device=dev)
+    last = alpha[batch, end]  # (num, B, Z)
+    state = pick(last)
+    # an impossible sequence (no finite-score segmentation) stays the sentinel: -1, no start
+    active = torch.isfinite(last.amax(-1))
     durs = torch.arange(k, device=dev)
     for _ in range(t_len):
         if not bool(active.any()):
