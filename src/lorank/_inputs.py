@@ -35,6 +35,16 @@ def check_alike(**tensors: torch.Tensor) -> None:
                 )
 
 
+def check_batch_shape(name: str, batch_shape: torch.Size, b: int, source: str) -> None:
+    """Raise unless a factor's batch shape is () (shared) or (b,) (one per example of
+    ``source``, the argument that fixes the batch size)."""
+    if len(batch_shape) and tuple(batch_shape) != (b,):
+        raise ValueError(
+            f"batched {name} must have batch shape ({b},) to match {source}, got "
+            f"{tuple(batch_shape)}"
+        )
+
+
 def check_length_range(lengths: object, max_len: int, source: str) -> None:
     """Raise unless every length lies in [1, max_len]; ``source`` names the argument whose
     time dimension is max_len (e.g. ``"terminal"``)."""
@@ -82,6 +92,7 @@ def grads_or_zeros(
 
 __all__ = [
     "check_alike",
+    "check_batch_shape",
     "check_instance",
     "check_length_range",
     "check_no_dead_rows",

@@ -19,6 +19,7 @@ import torch
 from lorank._checks import check_lengths, check_positive_int, check_tensor
 from lorank._inputs import (
     check_alike,
+    check_batch_shape,
     check_instance,
     check_length_range,
     check_no_dead_rows,
@@ -68,10 +69,7 @@ def prepare_pcfg_inputs(
             f"terminal has {p} preterminals (shape {tuple(terminal.shape)}) but the rules "
             f"have {rules.num_preterminals}"
         )
-    if len(rules.batch_shape) and tuple(rules.batch_shape) != (b,):
-        raise ValueError(
-            f"batched rules must have batch shape ({b},), got {tuple(rules.batch_shape)}"
-        )
+    check_batch_shape("rules", rules.batch_shape, b, f"terminal {tuple(terminal.shape)}")
     if isinstance(root, torch.Tensor):
         check_alike(terminal=terminal, root=root, rules=rules.parameters()[0])
     check_length_range(lengths, n, "terminal")
