@@ -22,6 +22,7 @@ import math
 import torch
 
 from lorank._numerics import gumbel_noise, safe_log, stable_shift
+from lorank.dp import rank_inside
 from lorank.rules import Rules
 from lorank.semiring import log_matmul, safe_logsumexp
 
@@ -79,8 +80,8 @@ def inside(
         if kind == "rank_space" and (label_pot is not None or return_chart):
             raise ValueError("rank-space inside has no per-label chart; use kind='cp'")
         lh, ll, lr = rules.log_factors()
-        return inside_cp(root_logp, lh, ll, lr, term, lengths, span_pot, label_pot,
-                         rank_space=kind == "rank_space", return_chart=return_chart)
+        return inside_factored(root_logp, lh, ll, lr, term, lengths, span_pot, label_pot,
+                               rank_space=kind == "rank_space", return_chart=return_chart)
     raise ValueError(f"unknown inside kind {kind!r}")
 
 
@@ -126,63 +127,35 @@ def inside_children(
     return (logz, chart_l) if return_chart else logz
 
 
-def inside_cp(
+def inside_factored(
     root_logp, lh, ll, lr, term, lengths, span_pot=None, label_pot=None,
     rank_space=False, return_chart=False,
 ):
-    """Inside pass for CP rules ``T = sum_r H[A,r] L[B,r] R[C,r]`` (log factors lh (m, R),
-    ll and lr (S, R), possibly batched).
-
-    The chart keeps each span's projections ``log sum_B beta[B] L[B, r]`` (as a left child) and
-    ``log sum_C beta[C] R[C, r]`` (as a right child).  A span's rank vector is
-    ``s[r] = sum_k lproj[i, k, r] rproj[k, j, r]`` (O(n R) per span).  CP (TN-PCFG) then forms
-    ``beta = H s`` and projects it, O(m R) per span; rank space (Yang, Liu & Tu 2022) maps
-    ``s`` straight to the projections through ``H^T L_N`` and ``H^T R_N``, O(R^2) per span.
-    """
-    b, n, p = term.shape
-    m, r = lh.shape[-2:]
-    ll_n, ll_p = ll[..., :m, :], ll[..., m:, :]
-    lr_n, lr_p = lr[..., :m, :], lr[..., m:, :]
-    lht = lh.transpose(-1, -2)  # (R, m)
-    lproj = term.new_full((b, n, n + 1, r), NEG_INF)  # (start, width)
-    rproj = term.new_full((b, n + 1, n + 1, r), NEG_INF)  # (end, width)
-    lproj[:, :, 1] = log_matmul(term, ll_p)
-    rproj[:, 1:, 1] = log_matmul(term, lr_p)
-    # rank vectors (rank space) or inside vectors (CP) of the spans [0, w)
-    top = term.new_full((b, n + 1, r if rank_space else m), NEG_INF)
-    chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
+    """Inside pass for CP rules ``T = sum_r H[A,r] L[B,r] R[C,r]`` (normalized log factors lh
+    (m, R), ll and lr (S, R), possibly batched) by :mod:`lorank.dp.rank_inside`: TN-PCFG's
+    O(n^3 R + n^2 m R) pass, or the rank-space O(n^3 R + n^2 R^2) pass (Yang, Liu & Tu 2022),
+    with a hand-written outside pass as the backward.  ``return_chart`` (CP only): also the
+    log inside chart (B, n, n+1, m), computed without gradient."""
+    m = lh.shape[-2]
+    lproj1 = log_matmul(term, ll[..., m:, :])  # (B, n, R): the words as left children
+    rproj1 = log_matmul(term, lr[..., m:, :])
+    h, l_n, r_n = lh.exp(), ll[..., :m, :].exp(), lr[..., :m, :].exp()
     if rank_space:
-        to_l, to_r = log_matmul(lht, ll_n), log_matmul(lht, lr_n)  # (R, R)
-    for w in range(2, n + 1):
-        nw = n - w + 1
-        left = lproj[:, :nw, 1:w].clone()
-        right = rproj[:, w:, 1:w].flip(2)
-        s = safe_logsumexp(left + right, 2)  # (B, nw, R)
-        if span_pot is not None:
-            s = s + span_pot[:, :nw, w].unsqueeze(-1)
-        if rank_space:
-            vec = s
-            lp, rp = log_matmul(s, to_l), log_matmul(s, to_r)
-        else:
-            vec = log_matmul(s, lht)  # beta (B, nw, m)
-            if label_pot is not None:
-                vec = vec + label_pot[:, :nw, w]
-            lp, rp = log_matmul(vec, ll_n), log_matmul(vec, lr_n)
-            if chart is not None:
-                chart[:, :nw, w] = vec
-        lproj[:, :nw, w] = lp
-        rproj[:, w:, w] = rp
-        top[:, w] = vec[:, 0]
-    top = top[torch.arange(b, device=term.device), lengths]  # (B, R or m)
-    root_n = root_logp[:, :m]
-    if rank_space:
-        # sum_A root[A] beta[A] = sum_r s[r] (root^T H)[r]
-        top_nt = log_matmul(root_n.unsqueeze(-2), lh).squeeze(-2) + top  # (B, R)
-        top_nt = safe_logsumexp(top_nt, -1, keepdim=True)
-        logz = _root(torch.cat([torch.zeros_like(top_nt), root_logp[:, m:]], -1), top_nt,
-                     term, lengths)
+        ht = h.transpose(-1, -2)
+        h_t, mx = None, torch.cat([ht @ l_n, ht @ r_n], -1)  # (R, 2R)
+        root = log_matmul(root_logp[:, :m].unsqueeze(-2), lh).squeeze(-2)  # log root_N^T H
     else:
-        logz = _root(root_logp, top, term, lengths)
+        h_t, mx, root = h.transpose(-1, -2), torch.cat([l_n, r_n], -1), root_logp[:, :m]
+    chart = None
+    if return_chart:
+        with torch.no_grad():
+            logz_nt, _, chart = rank_inside.forward_pass(
+                lproj1, rproj1, h_t, mx, root, span_pot, label_pot, lengths, chart_out=True)
+    else:
+        logz_nt = rank_inside.SplitInside.apply(lproj1, rproj1, h_t, mx, root, span_pot,
+                                                label_pot, lengths)
+    one_word = safe_logsumexp(root_logp[:, m:] + term[:, 0], -1)
+    logz = torch.where(lengths == 1, one_word, logz_nt)
     return (logz, chart) if return_chart else logz
 
 
