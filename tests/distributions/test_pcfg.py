@@ -316,6 +316,7 @@ def test_impossible_sentences_give_no_nan_gradients(kind):
     root = root.requires_grad_(True)
     d = PCFG(root, type(rules)(*params), term, torch.tensor([4, 3, 1]))
     loss = d.log_partition[torch.isfinite(d.log_partition)].sum() + d.entropy().sum()
+    assert d.span_marginals.requires_grad and (d.span_marginals[1] == 0).all()
     loss = loss + (d.span_marginals * torch.rand(3, 4, 4, dtype=D, generator=gen)).sum()
     grads = torch.autograd.grad(loss, [root, term, *params])
     for g in grads:

@@ -29,25 +29,24 @@ from lorank.semiring import log_matmul, safe_logsumexp
 NEG_INF = -math.inf
 
 
-def _outer(left: torch.Tensor, right: torch.Tensor):
-    """``X[., B, C] = sum_k exp(left[., k, B] + right[., k, C] - M)`` and the shift M.
-
-    left (B, n, K, Sb), right (B, n, K, Sc) log -> X (B, n, Sb, Sc) in [0, K], M (B, n, 1).
-    One batched GEMM over the split dimension K."""
-    lm, rm = stable_shift(left, -1), stable_shift(right, -1)
-    tot = lm + rm  # (B, n, K, 1)
-    big = stable_shift(tot, -2)  # (B, n, 1, 1)
-    pl = (left - lm).exp() * (tot - big).exp()
-    pr = (right - rm).exp()
-    return pl.transpose(-1, -2) @ pr, big.squeeze(-1)
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log vectors (..., K) -> probabilities divided by their max, and the detached log max
+    (...) (clamped to the dtype's lowest value, so an all ``-inf`` vector is zeros)."""
+    top = x.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+    return (x - top).exp(), top.squeeze(-1)
 
 
-def _root(root_logp, top_nt, term, lengths):
-    """log Z from the nonterminal score of the whole sentence (B, m) (-inf for one-word
-    sentences) and, for one-word sentences, the preterminal scores."""
-    one = (lengths == 1).unsqueeze(-1)
-    top_pt = torch.where(one, term[:, 0], torch.full_like(term[:, 0], NEG_INF))
-    return safe_logsumexp(root_logp + torch.cat([top_nt, top_pt], -1), -1)
+def _top_log_partition(root_logp, top_v, top_c, term, lengths):
+    """log Z from each sentence's top-span nonterminal vector (B, m) at log-scale (B,) and,
+    for one-word sentences, the preterminal scores."""
+    m = top_v.shape[-1]
+    root_n = root_logp[:, :m]
+    mr = stable_shift(root_n, -1)
+    dot = safe_log((top_v * (root_n - mr).exp()).sum(-1))
+    # an impossible sentence is -inf with zero gradient (also to the potentials in the scale)
+    nt = torch.where(torch.isfinite(dot), top_c + dot + mr.squeeze(-1), NEG_INF)
+    one_word = safe_logsumexp(root_logp[:, m:] + term[:, 0], -1)
+    return torch.where(lengths == 1, one_word, nt)
 
 
 def pad_terminal(term: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -90,41 +89,68 @@ def inside_children(
 ):
     """Inside pass for rules given as child operators (dense and low-rank head-vs-children).
 
-    For each width w, the children of all spans are combined in four blocks by symbol type
+    For each width w, the children of all spans are combined in blocks by symbol type
     (preterminal children have width 1): the split products ``X = sum_k left_k (x) right_k``
-    (one batched GEMM, O(n S^2) per span) then go through the block's operator (O(S^2 m) dense,
-    O(S^2 R + R m) low-rank).  Scaled probability space with a per-span max shift.
+    (one batched GEMM over the splits for two nonterminal children, an outer product
+    otherwise; O(n S^2) per span) then go through the block's operator (O(S^2 m) dense,
+    O(S^2 R + R m) low-rank).  Scaled probability space: each chart entry is divided by its
+    max and its log-scale kept beside it, so a width costs a few dozen tensor operations.
+    Charts: left children indexed (start, width), right children (end, n + 1 - width).
+    ``return_chart``: also the log inside chart (B, n, n+1, m) indexed by (start, width).
     """
     b, n, p = term.shape
-    chart_l = term.new_full((b, n, n + 1, m), NEG_INF)  # (start, width)
-    chart_r = term.new_full((b, n + 1, n + 1, m), NEG_INF)  # (end, width)
+    tp, tc = _scaled(term)  # (B, n, p), (B, n)
+    cl, cr = term.new_zeros(b, n, n + 1, m), term.new_zeros(b, n + 1, n + 1, m)
+    sl = term.new_full((b, n, n + 1), NEG_INF)
+    sr = term.new_full((b, n + 1, n + 1), NEG_INF)
+    len_set = set(lengths.tolist())
+    top_v, top_c = term.new_zeros(b, n + 1, m), term.new_full((b, n + 1), NEG_INF)
+    chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
+    low = torch.finfo(term.dtype).min
     for w in range(2, n + 1):
         nw = n - w + 1
-        parts = []
+        # (block, left (B, nw, [K,] Sb), right, log-scales (B, nw[, K]))
         if w == 2:
-            parts.append(("PP", term[:, :nw].unsqueeze(2), term[:, 1:].unsqueeze(2)))
+            parts = [("PP", tp[:, :nw], tp[:, 1:], tc[:, :nw] + tc[:, 1:])]
         else:
-            parts.append(("PN", term[:, :nw].unsqueeze(2),
-                          chart_r[:, w:, w - 1].unsqueeze(2).clone()))
-            parts.append(("NP", chart_l[:, :nw, w - 1].unsqueeze(2).clone(),
-                          term[:, w - 1 :].unsqueeze(2)))
+            parts = [("PN", tp[:, :nw], cr[:, w:, n + 2 - w].clone(),
+                      tc[:, :nw] + sr[:, w:, n + 2 - w]),
+                     ("NP", cl[:, :nw, w - 1].clone(), tp[:, w - 1 :],
+                      sl[:, :nw, w - 1] + tc[:, w - 1 :])]
         if w >= 4:
-            parts.append(("NN", chart_l[:, :nw, 2 : w - 1].clone(),
-                          chart_r[:, w:, 2 : w - 1].flip(2)))
-        vals = []
-        for blk, left, right in parts:
-            x, shift = _outer(left, right)
-            vals.append(safe_log(ops[blk](x)) + shift)
-        beta = vals[0] if len(vals) == 1 else safe_logsumexp(torch.stack(vals), 0)
+            parts.append(("NN", cl[:, :nw, 2 : w - 1].clone(), cr[:, w:, n + 3 - w : n].clone(),
+                          sl[:, :nw, 2 : w - 1] + sr[:, w:, n + 3 - w : n]))
+        scales = torch.cat([sc.view(b, nw, -1) for *_, sc in parts], -1)
+        big = scales.detach().amax(-1, keepdim=True).clamp_min(low)  # (B, nw, 1)
+        beta = 0
+        for blk, left, right, sc in parts:
+            wts = (sc - (big if sc.dim() == 3 else big.squeeze(-1))).exp()
+            if blk == "NN":  # sum over the splits: one batched GEMM
+                x = (left * wts.unsqueeze(-1)).transpose(-1, -2) @ right
+            else:
+                x = left.unsqueeze(-1) * (right * wts.unsqueeze(-1)).unsqueeze(-2)
+            beta = beta + ops[blk](x)  # (B, nw, m) at scale big
+        cy = big.squeeze(-1)
         if label_pot is not None:
-            beta = beta + label_pot[:, :nw, w]
+            lab = label_pot[:, :nw, w]
+            ml = stable_shift(lab, -1)
+            beta = beta * (lab - ml).exp()
+            cy = cy + ml.squeeze(-1)
         if span_pot is not None:
-            beta = beta + span_pot[:, :nw, w].unsqueeze(-1)
-        chart_l[:, :nw, w] = beta
-        chart_r[:, w:, w] = beta
-    top = chart_l[torch.arange(b, device=term.device), 0, lengths]
-    logz = _root(root_logp, top, term, lengths)
-    return (logz, chart_l) if return_chart else logz
+            cy = cy + span_pot[:, :nw, w]
+        bmax = beta.detach().amax(-1, keepdim=True)
+        beta = beta / bmax.clamp_min(torch.finfo(term.dtype).tiny)
+        cy = cy + bmax.squeeze(-1).log()  # -inf for a span no tree can cover
+        if chart is not None:
+            chart[:, :nw, w] = safe_log(beta) + cy.unsqueeze(-1)
+        if w in len_set:
+            top_v[:, w], top_c[:, w] = beta[:, 0], cy[:, 0]
+        cl[:, :nw, w], sl[:, :nw, w] = beta, cy
+        cr[:, w:, n + 1 - w], sr[:, w:, n + 1 - w] = beta, cy
+    bidx = torch.arange(b, device=term.device)
+    logz = _top_log_partition(root_logp, top_v[bidx, lengths], top_c[bidx, lengths], term,
+                              lengths)
+    return (logz, chart) if return_chart else logz
 
 
 def inside_factored(
@@ -134,8 +160,9 @@ def inside_factored(
     """Inside pass for CP rules ``T = sum_r H[A,r] L[B,r] R[C,r]`` (normalized log factors lh
     (m, R), ll and lr (S, R), possibly batched) by :mod:`lorank.dp.rank_inside`: TN-PCFG's
     O(n^3 R + n^2 m R) pass, or the rank-space O(n^3 R + n^2 R^2) pass (Yang, Liu & Tu 2022),
-    with a hand-written outside pass as the backward.  ``return_chart`` (CP only): also the
-    log inside chart (B, n, n+1, m), computed without gradient."""
+    with a hand-written outside pass as the backward; when no input requires grad (or grad
+    is disabled) the forward runs alone and saves nothing.  ``return_chart`` (CP only): also
+    the log inside chart (B, n, n+1, m), computed without gradient."""
     m = lh.shape[-2]
     lproj1 = log_matmul(term, ll[..., m:, :])  # (B, n, R): the words as left children
     rproj1 = log_matmul(term, lr[..., m:, :])
@@ -146,14 +173,15 @@ def inside_factored(
         root = log_matmul(root_logp[:, :m].unsqueeze(-2), lh).squeeze(-2)  # log root_N^T H
     else:
         h_t, mx, root = h.transpose(-1, -2), torch.cat([l_n, r_n], -1), root_logp[:, :m]
+    args = (lproj1, rproj1, h_t, mx, root, span_pot, label_pot)
     chart = None
-    if return_chart:
+    if return_chart or not (torch.is_grad_enabled()
+                            and any(t is not None and t.requires_grad for t in args)):
+        # inference: nothing saved for a backward pass
         with torch.no_grad():
-            logz_nt, _, chart = rank_inside.forward_pass(
-                lproj1, rproj1, h_t, mx, root, span_pot, label_pot, lengths, chart_out=True)
+            logz_nt, _, chart = rank_inside.forward_pass(*args, lengths, chart_out=return_chart)
     else:
-        logz_nt = rank_inside.SplitInside.apply(lproj1, rproj1, h_t, mx, root, span_pot,
-                                                label_pot, lengths)
+        logz_nt = rank_inside.SplitInside.apply(*args, lengths)
     one_word = safe_logsumexp(root_logp[:, m:] + term[:, 0], -1)
     logz = torch.where(lengths == 1, one_word, logz_nt)
     return (logz, chart) if return_chart else logz

@@ -150,8 +150,10 @@ def forward_pass(
     bidx = torch.arange(b, device=lengths.device)
     y_top, add = _top(top_s[bidx, lengths], lengths, span_pot, label_pot, h_t)
     mr = _shift(root)
-    logz = top_c[bidx, lengths] + add + _log_pos((y_top * (root - mr).exp()).sum(-1))
-    logz = torch.where(lengths >= 2, logz + mr.squeeze(-1), torch.full_like(logz, NEG_INF))
+    dot = _log_pos((y_top * (root - mr).exp()).sum(-1))
+    # an impossible sentence is -inf with zero gradient (also to the potentials in the scale)
+    ok = (lengths >= 2) & torch.isfinite(dot)
+    logz = torch.where(ok, top_c[bidx, lengths] + add + dot + mr.squeeze(-1), NEG_INF)
     return logz, trace, chart
 
 
