@@ -40,6 +40,26 @@ from lorank.semiring import safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 BLOCKS = ("NN", "NP", "PN", "PP")
+#: the four blocks at once: an operator on full S x S child products (small grammars)
+ALL = "AA"
+
+
+def block_slices(blk: str, m: int, s: int) -> tuple[slice, slice]:
+    """Symbol ranges of the two children of a block: ``N`` nonterminals, ``P`` preterminals,
+    ``A`` all S symbols."""
+    pick = {"N": slice(0, m), "P": slice(m, s), "A": slice(0, s)}
+    return pick[blk[0]], pick[blk[1]]
+
+
+def dense_child_operators(probs: torch.Tensor, m: int) -> dict[str, Operator]:
+    """Child operators of a dense rule tensor ``probs`` (*batch, m, S, S) (taken as given, not
+    normalized): per block, ``X -> X.flatten() @ T_block^T``, one GEMM."""
+    ops = {}
+    for blk in (*BLOCKS, ALL):
+        rb, cb = block_slices(blk, m, probs.shape[-1])
+        mat = probs[..., rb, cb].flatten(-2).transpose(-1, -2)  # (*batch, Sb*Sc, m)
+        ops[blk] = (lambda mt: (lambda x: x.flatten(-2) @ mt))(mat)
+    return ops
 
 
 
@@ -91,8 +111,9 @@ class Rules:
 
     def child_operators(self) -> dict[str, Operator]:
         """For the "children" inside: per block of child symbols (``"NN"``, ``"NP"``,
-        ``"PN"``, ``"PP"``; N = nonterminal, P = preterminal), a map from probability-space
-        child products X (B, n, Sb, Sc) to head scores (B, n, m): ``sum_{BC} T[A,B,C] X[B,C]``."""
+        ``"PN"``, ``"PP"``; N = nonterminal, P = preterminal; ``"AA"``: all S x S at once), a
+        map from probability-space child products X (B, n, Sb, Sc) to head scores (B, n, m):
+        ``sum_{BC} T[A,B,C] X[B,C]``."""
         raise NotImplementedError
 
     def hyperedge_potentials(self) -> dict[str, torch.Tensor | LowRankPotential]:
@@ -108,9 +129,7 @@ class Rules:
         return out
 
     def _block_slices(self, blk: str) -> tuple[slice, slice]:
-        m, s = self.num_nonterminals, self.num_symbols
-        pick = {"N": slice(0, m), "P": slice(m, s)}
-        return pick[blk[0]], pick[blk[1]]
+        return block_slices(blk, self.num_nonterminals, self.num_symbols)
 
     def _check_sizes(self, m: int, p: int) -> None:
         if m < 1:
@@ -153,14 +172,7 @@ class DenseRules(Rules):
         return rows.flatten(-2).gather(-1, (b * s + c).unsqueeze(-1)).squeeze(-1)
 
     def child_operators(self) -> dict[str, Operator]:
-        p = self.log_probs().exp()
-        ops = {}
-        for blk in BLOCKS:
-            rb, cb = self._block_slices(blk)
-            mat = p[..., rb, cb].flatten(-2).transpose(-1, -2)  # (*batch, Sb*Sc, m)
-            # X (B, n, Sb*Sc) @ (Sb*Sc, m) is one GEMM; batched rules give one GEMM per example
-            ops[blk] = (lambda mt: (lambda x: x.flatten(-2) @ mt))(mat)
-        return ops
+        return dense_child_operators(self.log_probs().exp(), self.num_nonterminals)
 
     def __repr__(self) -> str:
         return (f"DenseRules(nonterminals={self.num_nonterminals}, "
@@ -231,7 +243,7 @@ class LowRankRules(Rules):
         ut = lu.exp().transpose(-1, -2)  # (*batch, R, m)
         v = lv.exp()
         ops = {}
-        for blk in BLOCKS:
+        for blk in (*BLOCKS, ALL):
             rb, cb = self._block_slices(blk)
             vb = v[..., rb, cb, :].flatten(-3, -2)  # (*batch, Sb*Sc, R)
             ops[blk] = (lambda vv: (lambda x: (x.flatten(-2) @ vv) @ ut))(vb)
@@ -312,7 +324,7 @@ class CPRules(Rules):
         ht = lh.exp().transpose(-1, -2)
         lp, rp = ll.exp(), lr.exp()
         ops = {}
-        for blk in BLOCKS:
+        for blk in (*BLOCKS, ALL):
             rb, cb = self._block_slices(blk)
             lb, rbm = lp[..., rb, :], rp[..., cb, :]
             if lb.dim() == 3:  # batched: align with X (B, n, Sb, Sc)
@@ -356,6 +368,10 @@ class RankSpaceRules(CPRules):
 
 
 __all__ = [
+    "ALL",
+    "BLOCKS",
+    "block_slices",
+    "dense_child_operators",
     "Rules",
     "DenseRules",
     "LowRankRules",

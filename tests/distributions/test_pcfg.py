@@ -17,6 +17,7 @@ from brute_structures import (
 )
 
 from lorank.distributions.pcfg import PCFG, generate, tree_to_string
+from lorank.dp import inside
 from lorank.rules import CPRules, DenseRules, LowRankRules, RankSpaceRules
 
 D = torch.float64
@@ -68,9 +69,22 @@ def _check_against_brute(c: Case):
     torch.testing.assert_close(d.score(d.argmax), d.max_score)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+#: every rule kind, and the dense / low-rank "children" inside both on full S x S child
+#: products (small grammars, the default here) and by blocks of symbol types (large ones)
+LAYOUTS = [*KINDS, "dense/blocks", "low_rank/blocks"]
+
+
+def _kind(layout: str, monkeypatch) -> str:
+    kind, _, how = layout.partition("/")
+    if how == "blocks":
+        monkeypatch.setattr(inside, "UNIFIED_MAX_SYMBOLS", 0)
+    return kind
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batch_rules", [False, True])
-def test_against_brute_force(kind, batch_rules):
+def test_against_brute_force(layout, batch_rules, monkeypatch):
+    kind = _kind(layout, monkeypatch)
     _check_against_brute(Case(kind, seed=KINDS.index(kind), batch_rules=batch_rules))
 
 
@@ -129,8 +143,9 @@ def test_rank_space_equals_cp_at_scale():
     torch.testing.assert_close(a.span_marginals, b.span_marginals)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_log_partition(kind):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_log_partition(layout, monkeypatch):
+    kind = _kind(layout, monkeypatch)
     gen = torch.Generator().manual_seed(7)
     rules = random_rules(kind, 2, 2, rank=2, generator=gen)
     params = [t.clone().requires_grad_(True) for t in rules.parameters()]
@@ -276,9 +291,10 @@ def test_all_neg_inf_root_row_is_rejected(kind):
         Case(kind, root_batched=True, edit=edit)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batch_rules", [False, True])
-def test_unparseable_sentence_is_flagged_and_does_not_poison_the_batch(kind, batch_rules):
+def test_unparseable_sentence_is_flagged_and_does_not_poison_the_batch(layout, batch_rules,
+                                                                       monkeypatch):
     """No preterminal emits word 1 of sentence 1: that sentence is impossible; sentences 0
     (longer) and 2 (one word) are answered as if alone."""
 
@@ -286,6 +302,7 @@ def test_unparseable_sentence_is_flagged_and_does_not_poison_the_batch(kind, bat
         c.term[1, 1] = NEG
         c.term[2, 2:] = NEG  # -inf in padding is ignored
 
+    kind = _kind(layout, monkeypatch)
     c = Case(kind, n=4, lengths=(4, 3, 1), seed=21, batch_rules=batch_rules, edit=edit)
     d = c.d
     _check_against_brute(c)  # sentence 1: log Z = max = -inf, marginals 0, entropy 0
@@ -303,8 +320,9 @@ def test_unparseable_sentence_is_flagged_and_does_not_poison_the_batch(kind, bat
     assert (d.to_chart(s)[:, 1] == 0).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_impossible_sentences_give_no_nan_gradients(kind):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_impossible_sentences_give_no_nan_gradients(layout, monkeypatch):
+    kind = _kind(layout, monkeypatch)
     gen = torch.Generator().manual_seed(22)
     rules = random_rules(kind, 2, 2, rank=2, generator=gen)
     params = [t.clone().requires_grad_(True) for t in rules.parameters()]

@@ -91,7 +91,7 @@ def test_mbr_spans_single_word_and_shape():
 # ---- the hand-written outside pass of the CP / rank-space inside (lorank.dp.rank_inside) ----
 
 
-def _split_inputs(rank_space, batched, gen, n=5, b=3, m=3, r=2, dtype=D, neg=False):
+def _split_inputs(rank_space, batched, gen, n=4, b=3, m=3, r=2, dtype=D, neg=False):
     """Random inputs of rank_inside.SplitInside: log word projections, H^T, [L|R] matrices,
     root, span and label potentials (``neg``: with -inf entries and a dead word)."""
     lead = (b,) if batched else ()
@@ -120,7 +120,7 @@ def _split_inputs(rank_space, batched, gen, n=5, b=3, m=3, r=2, dtype=D, neg=Fal
 def test_split_inside_gradcheck(rank_space, batched):
     gen = torch.Generator().manual_seed(10)
     inputs = _split_inputs(rank_space, batched, gen)
-    lengths = torch.tensor([5, 3, 2])  # (one-word sentences give -inf: no finite difference)
+    lengths = torch.tensor([4, 3, 2])  # (one-word sentences give -inf: no finite difference)
     leaves = [None if t is None else t.requires_grad_(True) for t in inputs]
 
     def f(*xs):
@@ -134,7 +134,7 @@ def test_split_inside_gradcheck(rank_space, batched):
         it = iter(xs)
         return f(*[None if t is None else next(it) for t in leaves])
 
-    assert torch.autograd.gradgradcheck(g, live)
+    assert torch.autograd.gradgradcheck(g, live, fast_mode=True)
 
 
 @pytest.mark.parametrize("rank_space", [True, False])
@@ -162,11 +162,11 @@ def test_outside_pass_equals_autograd_with_neg_inf_and_zeros(rank_space):
 @pytest.mark.parametrize("kind", ["cp", "rank_space"])
 def test_float32_gradients_match_float64(kind):
     gen = torch.Generator().manual_seed(12)
-    m, p, n = 10, 12, 30
+    m, p, n = 10, 12, 24
     rules = random_rules(kind, m, p, rank=6, generator=gen, scale=2.0)
     term = 3 * torch.randn(2, n, p, dtype=D, generator=gen) - 5
     root = _root(m, p)[:2]
-    lengths = torch.tensor([30, 17])
+    lengths = torch.tensor([24, 13])
     grads = []
     for dt in (D, torch.float32):
         ps = [t.detach().to(dt).requires_grad_(True) for t in rules.parameters()]

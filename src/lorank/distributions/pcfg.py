@@ -26,7 +26,7 @@ from lorank._inputs import (
     grads_or_zeros,
 )
 from lorank.dp import inside as dp
-from lorank.rules import Rules
+from lorank.rules import Rules, dense_child_operators
 
 NEG_INF = float("-inf")
 
@@ -274,7 +274,8 @@ class PCFG:
             thetas = [as_input(self.root_logp),
                       as_input(log_rules.expand(b, *log_rules.shape[-3:])),
                       as_input(dp.pad_terminal(self.terminal, self.lengths))]
-            ops = _normalized_dense_ops(thetas[1], self.num_nonterminals)
+            # the normalized log rules taken as given: autograd w.r.t. them = expected counts
+            ops = dense_child_operators(thetas[1].exp(), self.num_nonterminals)
             logz = dp.inside_children(thetas[0], ops, self.num_nonterminals, thetas[2],
                                       self.lengths)
             grads = grads_or_zeros(logz.sum(), thetas, create_graph=create)
@@ -361,19 +362,6 @@ class PCFG:
         return (f"PCFG(batch={self.batch_size}, n={self.max_length}, "
                 f"nonterminals={self.num_nonterminals}, preterminals={self.num_preterminals}, "
                 f"rules={self.rules!r})")
-
-
-def _normalized_dense_ops(log_rules: torch.Tensor, m: int):
-    """Child operators for already-normalized dense log rules (no re-normalization), so that
-    autograd with respect to ``log_rules`` gives expected rule counts."""
-    p = log_rules.exp()
-    s = log_rules.shape[-1]
-    sl = {"N": slice(0, m), "P": slice(m, s)}
-    ops = {}
-    for blk in ("NN", "NP", "PN", "PP"):
-        mat = p[..., sl[blk[0]], sl[blk[1]]].flatten(-2).transpose(-1, -2)
-        ops[blk] = (lambda mt: (lambda x: x.flatten(-2) @ mt))(mat)
-    return ops
 
 
 def generate(

@@ -23,7 +23,7 @@ import torch
 
 from lorank._numerics import gumbel_noise, safe_log, stable_shift
 from lorank.dp import rank_inside
-from lorank.rules import Rules
+from lorank.rules import ALL, Rules
 from lorank.semiring import log_matmul, safe_logsumexp
 
 NEG_INF = -math.inf
@@ -84,53 +84,86 @@ def inside(
     raise ValueError(f"unknown inside kind {kind!r}")
 
 
+#: grammars with at most this many symbols run the children inside on full S x S child
+#: products (fewer, larger tensor operations); larger ones by blocks of symbol types (less
+#: arithmetic: no products with the zero blocks).  Measured crossover on a 2-core CPU: the
+#: full products win at S = 16, the blocks from S = 32 (docs/structures.md, Speed).
+UNIFIED_MAX_SYMBOLS = 24
+
+
+def _split_unified(op, cl, cr, sl, sr, w, nw, n):
+    """Head scores (B, nw, m) of all spans of width w at log-scale (B, nw, 1) from full-symbol
+    charts: ``X = sum_k wts_k left_k (x) right_k`` over all splits, one batched GEMM, then the
+    rules' ``"AA"`` operator."""
+    left, right = cl[:, :nw, 1:w].clone(), cr[:, w:, n + 2 - w :].clone()
+    scales = sl[:, :nw, 1:w] + sr[:, w:, n + 2 - w :]
+    big = scales.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(cl.dtype).min)
+    x = (left * (scales - big).exp().unsqueeze(-1)).transpose(-1, -2) @ right
+    return op(x), big
+
+
+def _split_blocks(ops, tp, tc, cl, cr, sl, sr, w, nw, n):
+    """As :func:`_split_unified` on nonterminal charts, by blocks of child symbol types
+    (preterminal children are the words ``tp`` at log-scales ``tc``)."""
+    b = tp.shape[0]
+    # (block, left (B, nw, [K,] Sb), right, log-scales (B, nw[, K]))
+    if w == 2:
+        parts = [("PP", tp[:, :nw], tp[:, 1:], tc[:, :nw] + tc[:, 1:])]
+    else:
+        parts = [("PN", tp[:, :nw], cr[:, w:, n + 2 - w].clone(),
+                  tc[:, :nw] + sr[:, w:, n + 2 - w]),
+                 ("NP", cl[:, :nw, w - 1].clone(), tp[:, w - 1 :],
+                  sl[:, :nw, w - 1] + tc[:, w - 1 :])]
+    if w >= 4:
+        parts.append(("NN", cl[:, :nw, 2 : w - 1].clone(), cr[:, w:, n + 3 - w : n].clone(),
+                      sl[:, :nw, 2 : w - 1] + sr[:, w:, n + 3 - w : n]))
+    scales = torch.cat([sc.view(b, nw, -1) for *_, sc in parts], -1)
+    big = scales.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(tp.dtype).min)
+    beta = 0
+    for blk, left, right, sc in parts:
+        wts = (sc - (big if sc.dim() == 3 else big.squeeze(-1))).exp()
+        if blk == "NN":  # sum over the splits: one batched GEMM
+            x = (left * wts.unsqueeze(-1)).transpose(-1, -2) @ right
+        else:
+            x = left.unsqueeze(-1) * (right * wts.unsqueeze(-1)).unsqueeze(-2)
+        beta = beta + ops[blk](x)
+    return beta, big
+
+
 def inside_children(
     root_logp, ops, m, term, lengths, span_pot=None, label_pot=None, return_chart=False
 ):
     """Inside pass for rules given as child operators (dense and low-rank head-vs-children).
 
-    For each width w, the children of all spans are combined in blocks by symbol type
-    (preterminal children have width 1): the split products ``X = sum_k left_k (x) right_k``
-    (one batched GEMM over the splits for two nonterminal children, an outer product
-    otherwise; O(n S^2) per span) then go through the block's operator (O(S^2 m) dense,
-    O(S^2 R + R m) low-rank).  Scaled probability space: each chart entry is divided by its
-    max and its log-scale kept beside it, so a width costs a few dozen tensor operations.
-    Charts: left children indexed (start, width), right children (end, n + 1 - width).
-    ``return_chart``: also the log inside chart (B, n, n+1, m) indexed by (start, width).
+    For each width w, the split products of all spans ``X = sum_k left_k (x) right_k`` (one
+    batched GEMM over the splits, O(n S^2) per span) go through the rules' operator (O(S^2 m)
+    dense, O(S^2 R + R m) low-rank): on full S x S products for small grammars, else by
+    blocks of child symbol types (a width-1 child is a preterminal).  Scaled probability
+    space: each chart entry is divided by its max and its log-scale kept beside it, so a
+    width costs a few dozen tensor operations.  Charts: left children indexed (start, width),
+    right children (end, n + 1 - width).  ``return_chart``: also the log inside chart
+    (B, n, n+1, m) indexed by (start, width).
     """
     b, n, p = term.shape
+    unified = ALL in ops and m + p <= UNIFIED_MAX_SYMBOLS
+    size = m + p if unified else m
     tp, tc = _scaled(term)  # (B, n, p), (B, n)
-    cl, cr = term.new_zeros(b, n, n + 1, m), term.new_zeros(b, n + 1, n + 1, m)
+    cl, cr = term.new_zeros(b, n, n + 1, size), term.new_zeros(b, n + 1, n + 1, size)
     sl = term.new_full((b, n, n + 1), NEG_INF)
     sr = term.new_full((b, n + 1, n + 1), NEG_INF)
+    if unified:  # the words: width-1 entries with only a preterminal part
+        cl[:, :, 1, m:], sl[:, :, 1] = tp, tc
+        cr[:, 1:, n, m:], sr[:, 1:, n] = tp, tc
     len_set = set(lengths.tolist())
     top_v, top_c = term.new_zeros(b, n + 1, m), term.new_full((b, n + 1), NEG_INF)
     chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
-    low = torch.finfo(term.dtype).min
     for w in range(2, n + 1):
         nw = n - w + 1
-        # (block, left (B, nw, [K,] Sb), right, log-scales (B, nw[, K]))
-        if w == 2:
-            parts = [("PP", tp[:, :nw], tp[:, 1:], tc[:, :nw] + tc[:, 1:])]
+        if unified:
+            beta, cy = _split_unified(ops[ALL], cl, cr, sl, sr, w, nw, n)
         else:
-            parts = [("PN", tp[:, :nw], cr[:, w:, n + 2 - w].clone(),
-                      tc[:, :nw] + sr[:, w:, n + 2 - w]),
-                     ("NP", cl[:, :nw, w - 1].clone(), tp[:, w - 1 :],
-                      sl[:, :nw, w - 1] + tc[:, w - 1 :])]
-        if w >= 4:
-            parts.append(("NN", cl[:, :nw, 2 : w - 1].clone(), cr[:, w:, n + 3 - w : n].clone(),
-                          sl[:, :nw, 2 : w - 1] + sr[:, w:, n + 3 - w : n]))
-        scales = torch.cat([sc.view(b, nw, -1) for *_, sc in parts], -1)
-        big = scales.detach().amax(-1, keepdim=True).clamp_min(low)  # (B, nw, 1)
-        beta = 0
-        for blk, left, right, sc in parts:
-            wts = (sc - (big if sc.dim() == 3 else big.squeeze(-1))).exp()
-            if blk == "NN":  # sum over the splits: one batched GEMM
-                x = (left * wts.unsqueeze(-1)).transpose(-1, -2) @ right
-            else:
-                x = left.unsqueeze(-1) * (right * wts.unsqueeze(-1)).unsqueeze(-2)
-            beta = beta + ops[blk](x)  # (B, nw, m) at scale big
-        cy = big.squeeze(-1)
+            beta, cy = _split_blocks(ops, tp, tc, cl, cr, sl, sr, w, nw, n)
+        cy = cy.squeeze(-1)
         if label_pot is not None:
             lab = label_pot[:, :nw, w]
             ml = stable_shift(lab, -1)
@@ -145,8 +178,8 @@ def inside_children(
             chart[:, :nw, w] = safe_log(beta) + cy.unsqueeze(-1)
         if w in len_set:
             top_v[:, w], top_c[:, w] = beta[:, 0], cy[:, 0]
-        cl[:, :nw, w], sl[:, :nw, w] = beta, cy
-        cr[:, w:, n + 1 - w], sr[:, w:, n + 1 - w] = beta, cy
+        cl[:, :nw, w, :m], sl[:, :nw, w] = beta, cy
+        cr[:, w:, n + 1 - w, :m], sr[:, w:, n + 1 - w] = beta, cy
     bidx = torch.arange(b, device=term.device)
     logz = _top_log_partition(root_logp, top_v[bidx, lengths], top_c[bidx, lengths], term,
                               lengths)

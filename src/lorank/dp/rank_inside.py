@@ -172,7 +172,6 @@ def outside_pass(inputs, lengths: torch.Tensor, trace: Trace, grad: torch.Tensor
     lp, rp = trace.lp, trace.rp
     gl, gr = torch.zeros_like(lp), torch.zeros_like(rp)  # gradients at the charts' scales
     # top: log Z = c + log(y . rho)  ->  d/dy (at y's scale) = grad rho / (y . rho)
-    bidx = torch.arange(b, device=lengths.device)
     top_w = lengths.clamp(2, n)
     s_top = torch.stack([trace.s[int(w)][i, 0] for i, w in enumerate(top_w.tolist())])
     y_top, _ = _top(s_top, top_w, None, label_pot, h_t)
