@@ -329,12 +329,12 @@ def plot(results, path: Path) -> None:
               title=f"PCFG inside vs rank, m={top}")
     ax[1].legend()
     rows = results["sentcfg"]
-    for nn in sorted({r["n"] for r in rows}):
+    for i, nn in enumerate(sorted({r["n"] for r in rows})):
         sel = [r for r in rows if r["n"] == nn]
         ax[2].plot([r["m"] for r in sel], [r["fwdbwd_theirs"] / r["fwdbwd_ours"] for r in sel],
-                   "o-", label=f"n={nn} fwd+bwd")
+                   "o-", color=f"C{i}", label=f"n={nn} fwd+bwd")
         ax[2].plot([r["m"] for r in sel], [r["fwd_theirs"] / r["fwd_ours"] for r in sel],
-                   "x--", label=f"n={nn} fwd")
+                   "x--", color=f"C{i}", label=f"n={nn} fwd")
     ax[2].axhline(1.0, color="k", lw=0.8)
     ax[2].set(xscale="log", yscale="log", xlabel="m (= p)",
               ylabel="SentCFG time / lorank time", title="dense PCFG vs torch-struct SentCFG")

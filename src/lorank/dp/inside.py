@@ -85,9 +85,8 @@ def inside(
 
 
 #: grammars with at most this many symbols run the children inside on full S x S child
-#: products (fewer, larger tensor operations); larger ones by blocks of symbol types (less
-#: arithmetic: no products with the zero blocks).  Measured crossover on a 2-core CPU: the
-#: full products win at S = 16, the blocks from S = 32 (docs/structures.md, Speed).
+#: products (up to 4x the arithmetic of the blocks, but far fewer tensor operations: small
+#: grammars are bound by per-operation overhead); larger ones by blocks of symbol types.
 UNIFIED_MAX_SYMBOLS = 24
 
 
@@ -375,7 +374,7 @@ def tree_parts(trees: torch.Tensor):
 
 def mbr_spans(span_marg: torch.Tensor, lengths: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Minimum-Bayes-risk bracketing: the binary tree maximizing the summed span marginals
-    (B, n, n) [start, end inclusive] of its spans; returns the spans (start, end_exclusive) of
+    (B, n, n) [first word, last word] of its spans; returns the spans (start, end_exclusive) of
     each tree in pre-order.  O(n^3) by width, vectorized over starts."""
     b, n, _ = span_marg.shape
     sc = span_marg.new_full((b, n, n + 1), NEG_INF)
