@@ -24,7 +24,8 @@ def compositions(n: int, k: int):
 
 
 def hsmm_segmentations(length: int, max_duration: int, num_states: int):
-    """Every segmentation as a list of (start, end_inclusive, state)."""
+    """Every segmentation as a list of (start, end_inclusive, state) (the HSMM's
+    ``Segmentation.segments()`` gives end_exclusive = end_inclusive + 1)."""
     for durs in compositions(length, max_duration):
         for labels in itertools.product(range(num_states), repeat=len(durs)):
             segs, t = [], 0
@@ -55,7 +56,7 @@ def hsmm_brute(init_logp, trans_logp, dur_logp, emission, length):
         dtype=torch.float64,
     )
     logz = torch.logsumexp(scores, 0)
-    p = (scores - logz).exp()
+    p = (scores - logz).exp() if torch.isfinite(logz) else torch.zeros_like(scores)
     marg = torch.zeros(t_len, z, dtype=torch.float64)
     seg_marg = torch.zeros(t_len, k, z, dtype=torch.float64)
     for w, segs in zip(p.tolist(), segs_all, strict=True):
@@ -69,7 +70,7 @@ def hsmm_brute(init_logp, trans_logp, dur_logp, emission, length):
         "marginals": marg,
         "segment_marginals": seg_marg,
         "max_score": scores[best],
-        "argmax": segs_all[best],
+        "argmax": segs_all[best] if torch.isfinite(logz) else [],
         "entropy": ent,
         "all": segs_all,
         "probs": p,
@@ -133,7 +134,7 @@ def pcfg_brute(root_logp, rule_logp, term, length):
         [pcfg_score(root_logp, rule_logp, term, t) for t in trees], dtype=torch.float64
     )
     logz = torch.logsumexp(scores, 0)
-    prob = (scores - logz).exp()
+    prob = (scores - logz).exp() if torch.isfinite(logz) else torch.zeros_like(scores)
     marg = torch.zeros(n, n, s_all, dtype=torch.float64)
     for w, tree in zip(prob.tolist(), trees, strict=True):
         for a, b, sym in tree:
@@ -144,7 +145,7 @@ def pcfg_brute(root_logp, rule_logp, term, length):
         "log_partition": logz,
         "marginals": marg,
         "max_score": scores[best],
-        "argmax": trees[best],
+        "argmax": trees[best] if torch.isfinite(logz) else [],
         "entropy": ent,
         "trees": trees,
         "probs": prob,
@@ -154,3 +155,84 @@ def pcfg_brute(root_logp, rule_logp, term, length):
 def logsumexp_list(xs):
     m = max(xs)
     return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+# ---- raw rule factors -> dense tables, by the documented formulas --------------------------
+# Deliberately independent of the library's normalization code (log_factors, log_probs):
+# a bug there must show as a mismatch.  Transition factors: ``brute.reference_log_transition``.
+
+
+def normalize_rows(phi: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``log(exp(phi) / sum exp(phi))`` over the last ``ndim`` dims, in float64; a slice of
+    all ``-inf`` (an outcome-free row) stays ``-inf``."""
+    phi = phi.double()
+    flat = phi.reshape(*phi.shape[: phi.dim() - ndim], -1)
+    out = torch.full_like(flat, -math.inf)
+    for idx in itertools.product(*[range(s) for s in flat.shape[:-1]]):
+        row = flat[idx]
+        if torch.isfinite(row).any():
+            top = row[torch.isfinite(row)].max()
+            p = torch.exp(row - top)
+            out[idx] = torch.log(p / p.sum())
+    return out.reshape(phi.shape)
+
+
+def _lse_rank(x: torch.Tensor) -> torch.Tensor:
+    """``log sum_r exp(x[..., r])`` by an explicit loop over r (no library code)."""
+    x = x.double()
+    out = torch.full(x.shape[:-1], -math.inf, dtype=torch.float64)
+    for r in range(x.shape[-1]):
+        out = torch.logaddexp(out, x[..., r])
+    return out
+
+
+def rules_from_raw(rules) -> torch.Tensor:
+    """log T (*batch, m, S, S) of a rule factor from its raw parameters:
+
+    * DenseRules:   ``T[A] = softmax_{B,C} logits[A, B, C]``;
+    * LowRankRules: ``T[A, B, C] ∝ sum_r exp(head[A, r] + children[B, C, r])``;
+    * CPRules / RankSpaceRules: ``T[A, B, C] ∝ sum_r exp(head[A,r] + left[B,r] + right[C,r])``.
+    """
+    kind = type(rules).__name__
+    if kind == "DenseRules":
+        phi = rules.logits
+    elif kind == "LowRankRules":
+        h, c = rules.head, rules.children
+        phi = _lse_rank(h[..., :, None, None, :] + c[..., None, :, :, :])
+    elif kind in ("CPRules", "RankSpaceRules"):
+        h, lf, rt = rules.head, rules.left, rules.right
+        phi = _lse_rank(h[..., :, None, None, :] + lf[..., None, :, None, :]
+                        + rt[..., None, None, :, :])
+    else:
+        raise ValueError(kind)
+    return normalize_rows(phi, 2)
+
+
+def random_rules(kind: str, m: int, p: int, rank: int = 4, batch: tuple[int, ...] = (),
+                 dtype=torch.float64, generator: torch.Generator | None = None,
+                 scale: float = 1.0):
+    """A random grammar of the given kind ("dense", "low_rank", "cp", "rank_space")."""
+    from lorank.rules import CPRules, DenseRules, LowRankRules, RankSpaceRules
+
+    s = m + p
+
+    def rnd(*shape):
+        return scale * torch.randn(*batch, *shape, dtype=dtype, generator=generator)
+
+    if kind == "dense":
+        return DenseRules(rnd(m, s, s))
+    if kind == "low_rank":
+        return LowRankRules(rnd(m, rank), rnd(s, s, rank))
+    if kind == "cp":
+        return CPRules(rnd(m, rank), rnd(s, rank), rnd(s, rank))
+    if kind == "rank_space":
+        return RankSpaceRules(rnd(m, rank), rnd(s, rank), rnd(s, rank))
+    raise ValueError(f"unknown rules kind {kind!r}")
+
+
+def root_from_raw(root: torch.Tensor, m: int, p: int) -> torch.Tensor:
+    """Root log-probabilities (*batch, S) from root logits over m nonterminals or S symbols."""
+    lp = normalize_rows(root, 1)
+    if root.shape[-1] == m:
+        lp = torch.cat([lp, torch.full((*lp.shape[:-1], p), -math.inf, dtype=lp.dtype)], -1)
+    return lp

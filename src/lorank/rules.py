@@ -17,6 +17,13 @@ symbols) and normalizes them per head, ``T[A, B, C] = exp(phi[A, B, C]) / sum_{B
 Each class normalizes the way :class:`lorank.LowRank` does: the product is split into a
 row-stochastic head matrix and column-stochastic child matrices, so no entry exceeds 1.
 Every factor may carry one leading batch dimension (one grammar per sentence).
+
+Shared interface (every factor): ``parameters()`` (the raw tensors, in constructor order),
+``log_probs()`` / ``to_dense()``, ``log_prob_entries(a, b, c)``, ``child_operators()`` and
+``hyperedge_potentials()`` (the rules as :class:`lorank.LowRankPotential` hyperedges or dense
+log-potentials, for :func:`lorank.distributions.hypergraph.cky_hypergraph`).  The factored
+ones (``LowRankRules``, ``CPRules``, ``RankSpaceRules``) also have ``rank`` and
+``log_factors()``: normalized log factors whose log-sum-exp over the rank gives ``log T``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,33 @@ from collections.abc import Callable
 import torch
 
 from lorank._checks import check_tensor
+from lorank._inputs import check_alike
 from lorank._numerics import finite_or_zero
+from lorank.dp.hypergraph import LowRankPotential
 from lorank.semiring import safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 BLOCKS = ("NN", "NP", "PN", "PP")
+#: the four blocks at once: an operator on full S x S child products (small grammars)
+ALL = "AA"
+
+
+def block_slices(blk: str, m: int, s: int) -> tuple[slice, slice]:
+    """Symbol ranges of the two children of a block: ``N`` nonterminals, ``P`` preterminals,
+    ``A`` all S symbols."""
+    pick = {"N": slice(0, m), "P": slice(m, s), "A": slice(0, s)}
+    return pick[blk[0]], pick[blk[1]]
+
+
+def dense_child_operators(probs: torch.Tensor, m: int) -> dict[str, Operator]:
+    """Child operators of a dense rule tensor ``probs`` (*batch, m, S, S) (taken as given, not
+    normalized): per block, ``X -> X.flatten() @ T_block^T``, one GEMM."""
+    ops = {}
+    for blk in (*BLOCKS, ALL):
+        rb, cb = block_slices(blk, m, probs.shape[-1])
+        mat = probs[..., rb, cb].flatten(-2).transpose(-1, -2)  # (*batch, Sb*Sc, m)
+        ops[blk] = (lambda mt: (lambda x: x.flatten(-2) @ mt))(mat)
+    return ops
 
 
 
@@ -56,9 +85,17 @@ class Rules:
     def num_symbols(self) -> int:
         return self.num_nonterminals + self.num_preterminals
 
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        """The raw (unnormalized) tensors of the factor, in constructor order."""
+        raise NotImplementedError
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.log_probs().dtype
+        return self.parameters()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameters()[0].device
 
     def log_probs(self) -> torch.Tensor:
         """The dense normalized ``log T``: (*batch, m, S, S). Materializes m S^2 entries."""
@@ -74,14 +111,25 @@ class Rules:
 
     def child_operators(self) -> dict[str, Operator]:
         """For the "children" inside: per block of child symbols (``"NN"``, ``"NP"``,
-        ``"PN"``, ``"PP"``; N = nonterminal, P = preterminal), a map from probability-space
-        child products X (B, n, Sb, Sc) to head scores (B, n, m): ``sum_{BC} T[A,B,C] X[B,C]``."""
+        ``"PN"``, ``"PP"``; N = nonterminal, P = preterminal; ``"AA"``: all S x S at once), a
+        map from probability-space child products X (B, n, Sb, Sc) to head scores (B, n, m):
+        ``sum_{BC} T[A,B,C] X[B,C]``."""
         raise NotImplementedError
 
+    def hyperedge_potentials(self) -> dict[str, torch.Tensor | LowRankPotential]:
+        """Per block of child symbols (``"NN"``, ``"NP"``, ``"PN"``, ``"PP"``), the rules
+        ``A -> B C`` with B, C in that block as a hyperedge log-potential (head A, tails B and
+        C): a dense (*batch, m, Sb, Sc) tensor of ``log T``, or a :class:`LowRankPotential`
+        for factored rules (normalized, so the hypergraph needs no normalization)."""
+        lp = self.log_probs()
+        out = {}
+        for blk in BLOCKS:
+            rb, cb = self._block_slices(blk)
+            out[blk] = lp[..., rb, cb]
+        return out
+
     def _block_slices(self, blk: str) -> tuple[slice, slice]:
-        m, s = self.num_nonterminals, self.num_symbols
-        pick = {"N": slice(0, m), "P": slice(m, s)}
-        return pick[blk[0]], pick[blk[1]]
+        return block_slices(blk, self.num_nonterminals, self.num_symbols)
 
     def _check_sizes(self, m: int, p: int) -> None:
         if m < 1:
@@ -109,6 +157,9 @@ class DenseRules(Rules):
         self.num_nonterminals, self.num_preterminals = m, s1 - m
         self.batch_shape = logits.shape[:-3]
 
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.logits,)
+
     def log_probs(self) -> torch.Tensor:
         flat = self.logits.flatten(-2)
         lse = finite_or_zero(safe_logsumexp(flat, -1, keepdim=True))
@@ -121,14 +172,7 @@ class DenseRules(Rules):
         return rows.flatten(-2).gather(-1, (b * s + c).unsqueeze(-1)).squeeze(-1)
 
     def child_operators(self) -> dict[str, Operator]:
-        p = self.log_probs().exp()
-        ops = {}
-        for blk in BLOCKS:
-            rb, cb = self._block_slices(blk)
-            mat = p[..., rb, cb].flatten(-2).transpose(-1, -2)  # (*batch, Sb*Sc, m)
-            # X (B, n, Sb*Sc) @ (Sb*Sc, m) is one GEMM; batched rules give one GEMM per example
-            ops[blk] = (lambda mt: (lambda x: x.flatten(-2) @ mt))(mat)
-        return ops
+        return dense_child_operators(self.log_probs().exp(), self.num_nonterminals)
 
     def __repr__(self) -> str:
         return (f"DenseRules(nonterminals={self.num_nonterminals}, "
@@ -160,13 +204,19 @@ class LowRankRules(Rules):
                 f"children must have shape (..., S, S, R={r}) with the batch of head "
                 f"{tuple(head.shape)}, got {tuple(children.shape)}"
             )
+        check_alike(head=head, children=children)
         self._check_sizes(m, s1 - m)
         self.head, self.children = head, children
         self.num_nonterminals, self.num_preterminals = m, s1 - m
         self.rank = r
         self.batch_shape = head.shape[:-2]
 
-    def _normalized(self):
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.head, self.children)
+
+    def log_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized log factors ``(log U (m, R), log V (S, S, R))`` with
+        ``T[A, B, C] = sum_r U[A, r] V[B, C, r]``, U row-stochastic, V column-stochastic."""
         s = safe_logsumexp(self.children.flatten(-3, -2), -2)  # (*batch, R)
         lnorm = finite_or_zero(safe_logsumexp(self.head + s.unsqueeze(-2), -1))  # (*batch, m)
         lu = self.head + s.unsqueeze(-2) - lnorm.unsqueeze(-1)
@@ -174,11 +224,11 @@ class LowRankRules(Rules):
         return lu, lv
 
     def log_probs(self) -> torch.Tensor:
-        lu, lv = self._normalized()
+        lu, lv = self.log_factors()
         return safe_logsumexp(lu[..., :, None, None, :] + lv.unsqueeze(-4), -1)
 
     def log_prob_entries(self, a, b, c):
-        lu, lv = self._normalized()
+        lu, lv = self.log_factors()
         nb = len(self.batch_shape)
         hu = _batched_rows(lu, a, nb)
         if nb == 0:
@@ -189,15 +239,23 @@ class LowRankRules(Rules):
         return safe_logsumexp(hu + cv, -1)
 
     def child_operators(self) -> dict[str, Operator]:
-        lu, lv = self._normalized()
+        lu, lv = self.log_factors()
         ut = lu.exp().transpose(-1, -2)  # (*batch, R, m)
         v = lv.exp()
         ops = {}
-        for blk in BLOCKS:
+        for blk in (*BLOCKS, ALL):
             rb, cb = self._block_slices(blk)
             vb = v[..., rb, cb, :].flatten(-3, -2)  # (*batch, Sb*Sc, R)
             ops[blk] = (lambda vv: (lambda x: (x.flatten(-2) @ vv) @ ut))(vb)
         return ops
+
+    def hyperedge_potentials(self) -> dict[str, torch.Tensor | LowRankPotential]:
+        lu, lv = self.log_factors()
+        out = {}
+        for blk in BLOCKS:
+            rb, cb = self._block_slices(blk)
+            out[blk] = LowRankPotential(lu, lv[..., rb, cb, :])
+        return out
 
     def __repr__(self) -> str:
         return (f"LowRankRules(nonterminals={self.num_nonterminals}, "
@@ -228,11 +286,15 @@ class CPRules(Rules):
                 f"left and right must have shape (..., S, R={r}) with the batch of head "
                 f"{tuple(head.shape)}, got {tuple(left.shape)} and {tuple(right.shape)}"
             )
+        check_alike(head=head, left=left, right=right)
         self._check_sizes(m, left.shape[-2] - m)
         self.head, self.left, self.right = head, left, right
         self.num_nonterminals, self.num_preterminals = m, left.shape[-2] - m
         self.rank = r
         self.batch_shape = head.shape[:-2]
+
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.head, self.left, self.right)
 
     def log_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalized log factors ``(log H (m, R), log L (S, R), log R (S, R))`` with
@@ -262,7 +324,7 @@ class CPRules(Rules):
         ht = lh.exp().transpose(-1, -2)
         lp, rp = ll.exp(), lr.exp()
         ops = {}
-        for blk in BLOCKS:
+        for blk in (*BLOCKS, ALL):
             rb, cb = self._block_slices(blk)
             lb, rbm = lp[..., rb, :], rp[..., cb, :]
             if lb.dim() == 3:  # batched: align with X (B, n, Sb, Sc)
@@ -275,6 +337,14 @@ class CPRules(Rules):
 
             ops[blk] = op
         return ops
+
+    def hyperedge_potentials(self) -> dict[str, torch.Tensor | LowRankPotential]:
+        lh, ll, lr = self.log_factors()
+        out = {}
+        for blk in BLOCKS:
+            rb, cb = self._block_slices(blk)
+            out[blk] = LowRankPotential(lh, [ll[..., rb, :], lr[..., cb, :]])
+        return out
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(nonterminals={self.num_nonterminals}, "
@@ -297,33 +367,14 @@ class RankSpaceRules(CPRules):
         return cls(rules.head, rules.left, rules.right)
 
 
-def random_rules(
-    kind: str, m: int, p: int, rank: int = 4, batch: tuple[int, ...] = (),
-    dtype=torch.float64, generator: torch.Generator | None = None, scale: float = 1.0,
-) -> Rules:
-    """A random grammar of the given kind ("dense", "low_rank", "cp", "rank_space"), for
-    tests and benchmarks."""
-    s = m + p
-
-    def rnd(*shape):
-        return scale * torch.randn(*batch, *shape, dtype=dtype, generator=generator)
-
-    if kind == "dense":
-        return DenseRules(rnd(m, s, s))
-    if kind == "low_rank":
-        return LowRankRules(rnd(m, rank), rnd(s, s, rank))
-    if kind == "cp":
-        return CPRules(rnd(m, rank), rnd(s, rank), rnd(s, rank))
-    if kind == "rank_space":
-        return RankSpaceRules(rnd(m, rank), rnd(s, rank), rnd(s, rank))
-    raise ValueError(f"unknown rules kind {kind!r}; expected dense, low_rank, cp or rank_space")
-
-
 __all__ = [
+    "ALL",
+    "BLOCKS",
+    "block_slices",
+    "dense_child_operators",
     "Rules",
     "DenseRules",
     "LowRankRules",
     "CPRules",
     "RankSpaceRules",
-    "random_rules",
 ]

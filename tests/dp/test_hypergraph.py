@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from brute_structures import random_rules
 
 import lorank
 from lorank.distributions.hsmm import HSMM
@@ -12,11 +13,11 @@ from lorank.distributions.hypergraph import (
     Hypergraph,
     LowRankPotential,
     cky_hypergraph,
+    cky_node,
     hmm_hypergraph,
     hsmm_hypergraph,
 )
 from lorank.distributions.pcfg import PCFG
-from lorank.rules import random_rules
 from lorank.semiring import LogSemiring
 
 D = torch.float64
@@ -92,7 +93,7 @@ def test_hmm_instance(kind):
                              torch.randn(z, 2, dtype=D, generator=gen))
         if kind == "sum":
             fac = fac + lorank.Banded(torch.randn(z, 3, dtype=D, generator=gen), 1)
-    init = torch.log_softmax(torch.randn(z, dtype=D, generator=gen), -1)
+    init = torch.randn(z, dtype=D, generator=gen)  # logits, as HMM takes them
     em = torch.randn(2, t, z, dtype=D, generator=gen)
     g = hmm_hypergraph(init, fac, em)
     h = lorank.HMM(init, fac, em)
@@ -113,11 +114,11 @@ def test_hsmm_instance(kind):
     else:
         fac = lorank.LowRank(torch.randn(z, 2, dtype=D, generator=gen),
                              torch.randn(z, 2, dtype=D, generator=gen))
-    init = torch.log_softmax(torch.randn(z, dtype=D, generator=gen), -1)
+    init = torch.randn(z, dtype=D, generator=gen)
     dur = torch.randn(z, k, dtype=D, generator=gen)
     em = torch.randn(2, t, z, dtype=D, generator=gen)
     h = HSMM(init, fac, dur, em)
-    g = hsmm_hypergraph(init, fac, h.duration_logp, em)
+    g = hsmm_hypergraph(init, fac, dur, em)  # the same (unnormalized) inputs
     torch.testing.assert_close(g.log_partition(), h.log_partition)
     torch.testing.assert_close(g.max_score(), h.max_score)
     torch.testing.assert_close(g.entropy(), h.entropy())
@@ -128,8 +129,9 @@ def test_cky_instance(kind):
     gen = torch.Generator().manual_seed(4)
     rules = random_rules(kind, 3, 2, rank=2, generator=gen)
     term = torch.randn(2, 5, 2, dtype=D, generator=gen)
-    d = PCFG(torch.randn(5, dtype=D, generator=gen), rules, term)
-    g = cky_hypergraph(d.root_logp, rules, term)
+    root = torch.randn(5, dtype=D, generator=gen)
+    d = PCFG(root, rules, term)
+    g = cky_hypergraph(root, rules, term)  # the same (unnormalized) inputs
     torch.testing.assert_close(g.log_partition(), d.log_partition)
     torch.testing.assert_close(g.max_score(), d.max_score)
     torch.testing.assert_close(g.entropy(), d.entropy())
@@ -138,6 +140,7 @@ def test_cky_instance(kind):
     for v, name in enumerate(g.names):
         if isinstance(name, tuple) and name[0] == "span":
             _, i, j = name
+            assert cky_node(i, j, 5) == v  # the documented node order
             want = d.marginals[:, i, j - 1]
             want = want[:, :3] if j - i > 1 else want[:, 3:]
             torch.testing.assert_close(marg[v], want)
@@ -146,9 +149,11 @@ def test_cky_instance(kind):
 def test_one_word_cky_instance():
     rules = random_rules("cp", 2, 3, rank=2)
     term = torch.randn(1, 1, 3, dtype=D)
-    d = PCFG(torch.randn(5, dtype=D), rules, term)
-    g = cky_hypergraph(d.root_logp, rules, term)
+    root = torch.randn(5, dtype=D)
+    d = PCFG(root, rules, term)
+    g = cky_hypergraph(root, rules, term)
     torch.testing.assert_close(g.log_partition(), d.log_partition)
+    assert g.names[-1] == "root" and len(g.names) == 2
 
 
 def test_errors():
@@ -171,3 +176,41 @@ def test_errors():
     g.add_edge(a, [b], torch.zeros(2, 3))
     with pytest.raises(ValueError, match="cycle"):
         g.log_partition()
+
+
+def test_builders_validate_like_the_distributions():
+    """The builders take the distributions' inputs and reject what they reject."""
+    rules = random_rules("cp", 2, 2, rank=2)
+    with pytest.raises(TypeError, match="root has dtype torch.float32"):
+        cky_hypergraph(torch.zeros(4), rules, torch.randn(1, 3, 2, dtype=D))
+    root = torch.zeros(2, 4, dtype=D)
+    root[0] = float("-inf")
+    with pytest.raises(ValueError, match="root .* all -inf"):
+        cky_hypergraph(root, rules, torch.randn(2, 3, 2, dtype=D))
+    fac = lorank.Dense(torch.randn(3, 3, dtype=D))
+    with pytest.raises(TypeError, match="duration has dtype"):
+        hsmm_hypergraph(torch.zeros(3, dtype=D), fac, torch.zeros(3, 2), torch.randn(1, 4, 3,
+                                                                                     dtype=D))
+    with pytest.raises(ValueError, match="init must have shape"):
+        hmm_hypergraph(torch.zeros(4, dtype=D), fac, torch.randn(1, 4, 3, dtype=D))
+
+
+def test_impossible_input_has_entropy_zero_everywhere():
+    """One answer for an impossible input: log Z = -inf and entropy 0, in the distributions
+    and in their hypergraphs alike."""
+    gen = torch.Generator().manual_seed(5)
+    rules = random_rules("dense", 2, 2, generator=gen)
+    term = torch.randn(2, 3, 2, dtype=D, generator=gen)
+    term[1, 1] = float("-inf")
+    root = torch.randn(4, dtype=D, generator=gen)
+    d, g = PCFG(root, rules, term), cky_hypergraph(root, rules, term)
+    for ent in (d.entropy(), g.entropy()):
+        torch.testing.assert_close(ent[1], torch.tensor(0.0, dtype=D))
+    assert g.log_partition()[1] == d.log_partition[1] == float("-inf")
+    fac = lorank.Dense(torch.randn(3, 3, dtype=D, generator=gen))
+    em = torch.randn(2, 4, 3, dtype=D, generator=gen)
+    em[1, 2] = float("-inf")
+    dur, init = torch.randn(3, 2, dtype=D, generator=gen), torch.zeros(3, dtype=D)
+    h, gh = HSMM(init, fac, dur, em), hsmm_hypergraph(init, fac, dur, em)
+    for ent in (h.entropy(), gh.entropy()):
+        torch.testing.assert_close(ent[1], torch.tensor(0.0, dtype=D))

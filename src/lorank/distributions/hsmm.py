@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from lorank._checks import check_positive_int, check_tensor
+from lorank._inputs import check_alike, log_normalize
 from lorank.distributions.hmm import prepare_chain_inputs
 from lorank.dp import semimarkov
 from lorank.factors import Factor
@@ -29,14 +30,16 @@ from lorank.semiring import EntropySemiring
 class Segmentation(NamedTuple):
     """Segmentations as two aligned tensors (..., B, T): ``states`` (long, the state of the
     segment covering each position, -1 at padding) and ``starts`` (bool, True where a segment
-    begins)."""
+    begins).  A sequence with no segmentation of finite score (impossible) is the sentinel:
+    all states -1 and no start."""
 
     states: torch.Tensor
     starts: torch.Tensor
 
     def segments(self, *index: int) -> list[tuple[int, int, int]]:
-        """The segments ``(start, end_inclusive, state)`` of one sequence, e.g. ``seg.segments(b)``
-        (or ``seg.segments(s, b)`` with a leading sample dimension)."""
+        """The segments ``(start, end_exclusive, state)`` of one sequence, e.g.
+        ``seg.segments(b)`` (or ``seg.segments(s, b)`` with a leading sample dimension); ``[]``
+        for the "no segmentation" sentinel."""
         st = self.states[index].tolist()
         sb = self.starts[index].tolist()
         out: list[tuple[int, int, int]] = []
@@ -44,10 +47,14 @@ class Segmentation(NamedTuple):
             if z < 0:
                 break
             if s or not out:
-                out.append((t, t, z))
+                out.append((t, t + 1, z))
             else:
-                out[-1] = (out[-1][0], t, z)
+                out[-1] = (out[-1][0], t + 1, z)
         return out
+
+    def empty(self) -> torch.Tensor:
+        """(..., B) bool: True for the "no segmentation" sentinel rows."""
+        return ~self.starts.any(-1) & (self.states < 0).all(-1)
 
 
 def poisson_duration(rate: torch.Tensor, max_duration: int) -> torch.Tensor:
@@ -98,6 +105,34 @@ def categorical_emission(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return torch.where((tokens >= 0).unsqueeze(-1), out, torch.zeros_like(out))
 
 
+def prepare_hsmm_inputs(
+    init: torch.Tensor,
+    transition: Factor,
+    duration: torch.Tensor,
+    emission: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the inputs of :class:`HSMM` (shapes, one dtype and device, no NaN, no all
+    ``-inf`` init row); return ``(init_logp (B, Z), duration_logp (Z, K) or (B, Z, K),
+    lengths (B,))``.  A duration row of all ``-inf`` (a state that can never form a segment)
+    is legal and stays ``-inf``.  O(1) passes over the inputs."""
+    init_logp, lengths = prepare_chain_inputs(init, transition, emission, lengths)
+    b, t_len, z = emission.shape
+    check_tensor("duration", duration, ndim=(2, 3))
+    if duration.shape[-1] < 1:
+        raise ValueError(
+            f"duration must allow at least one duration (K >= 1), got shape "
+            f"{tuple(duration.shape)}"
+        )
+    if duration.shape[-2] != z or (duration.dim() == 3 and duration.shape[0] != b):
+        raise ValueError(
+            f"duration must have shape ({z}, K) or ({b}, {z}, K) to match emission "
+            f"{tuple(emission.shape)}, got {tuple(duration.shape)}"
+        )
+    check_alike(emission=emission, duration=duration)
+    return init_logp, log_normalize(duration), lengths
+
+
 class HSMM:
     """Posterior over segmentations of a hidden semi-Markov model.
 
@@ -109,6 +144,10 @@ class HSMM:
             normalized over K here; pass :func:`poisson_duration` output for Poisson).
         emission: (B, T, Z) per-step log-likelihoods ``log p(x_t | z)``.
         lengths: (B,) in [1, T]; default all T.
+
+    A sequence with no segmentation of finite score is *impossible*: ``log_partition`` and
+    ``max_score`` ``-inf``, marginals and entropy 0, ``argmax`` and samples the "no
+    segmentation" sentinel (states -1, no start); other sequences of the batch are unaffected.
     """
 
     def __init__(
@@ -119,21 +158,12 @@ class HSMM:
         emission: torch.Tensor,
         lengths: torch.Tensor | None = None,
     ):
-        init_logp, lengths = prepare_chain_inputs(init, transition, emission, lengths)
+        init_logp, duration_logp, lengths = prepare_hsmm_inputs(
+            init, transition, duration, emission, lengths
+        )
         b, t_len, z = emission.shape
-        check_tensor("duration", duration, ndim=(2, 3))
-        if duration.shape[-1] < 1:
-            raise ValueError(
-                f"duration must allow at least one duration (K >= 1), got shape "
-                f"{tuple(duration.shape)}"
-            )
-        if duration.shape[-2] != z or (duration.dim() == 3 and duration.shape[0] != b):
-            raise ValueError(
-                f"duration must have shape ({z}, K) or ({b}, {z}, K) to match emission "
-                f"{tuple(emission.shape)}, got {tuple(duration.shape)}"
-            )
         self.lengths, self.init_logp = lengths, init_logp
-        self.duration_logp = torch.log_softmax(duration, dim=-1)
+        self.duration_logp = duration_logp
         self.transition = transition
         self.emission = emission
         self.batch_size, self.max_length, self.num_states = b, t_len, z
@@ -149,7 +179,7 @@ class HSMM:
 
     @cached_property
     def log_partition(self) -> torch.Tensor:
-        """``log p(x)``: (B,). Differentiable."""
+        """``log p(x)``: (B,), ``-inf`` for an impossible sequence. Differentiable."""
         return semimarkov.log_partition(
             self.init_logp, self.transition, self.segment_scores, self.lengths
         )
@@ -175,26 +205,28 @@ class HSMM:
     @property
     def marginals(self) -> torch.Tensor:
         """Per-step state posteriors ``p(position t lies in a segment of state z | x)``:
-        (B, T, Z), zero at padding."""
+        (B, T, Z), zero at padding and for an impossible sequence."""
         return self._grads[0]
 
     @property
     def segment_marginals(self) -> torch.Tensor:
-        """Segment posteriors (B, T, K, Z): ``p(a segment of state z and duration k+1 ends at
-        t | x)`` (equivalently, spans ``(t-k, t)``)."""
+        """Segment posteriors (B, T, K, Z): ``[b, t, k, z]`` = p(a segment of state z and
+        duration k+1 has its last position at t | x), i.e. covers ``[t-k, t+1)``."""
         return self._grads[1]
 
     # ---- max-product -------------------------------------------------------------------
     @cached_property
     def _viterbi(self):
+        seg = self.segment_scores.detach()  # cached outside no_grad: it stays differentiable
         with torch.no_grad():
             return semimarkov.viterbi(
-                self.init_logp, self.transition.log_probs(), self.segment_scores, self.lengths
+                self.init_logp, self.transition.log_probs(), seg, self.lengths
             )
 
     @property
     def argmax(self) -> Segmentation:
-        """The exact most probable segmentation (materializes the Z x Z transition)."""
+        """The exact most probable segmentation (materializes the Z x Z transition); the
+        sentinel for an impossible sequence."""
         _, states, starts = self._viterbi
         return Segmentation(states, starts)
 
@@ -209,12 +241,12 @@ class HSMM:
         generator: torch.Generator | None = None,
     ) -> Segmentation:
         """Exact posterior samples (forward filtering, backward sampling), each tensor of
-        shape (*sample_shape, B, T)."""
+        shape (*sample_shape, B, T); the sentinel for an impossible sequence."""
         shape = torch.Size(sample_shape)
+        seg = self.segment_scores.detach()
         with torch.no_grad():
             states, starts = semimarkov.sample(
-                self.init_logp, self.transition, self.segment_scores, self.lengths,
-                shape.numel(), generator,
+                self.init_logp, self.transition, seg, self.lengths, shape.numel(), generator
             )
         return Segmentation(
             states.reshape(*shape, self.batch_size, self.max_length),
@@ -223,13 +255,15 @@ class HSMM:
 
     def entropy(self) -> torch.Tensor:
         """Entropy of the posterior over segmentations: (B,), by the entropy semiring on the
-        dense transition."""
+        dense transition; 0 for an impossible sequence."""
         return semimarkov.semiring_forward(
             self.init_logp, self.transition.log_probs(), self.segment_scores, self.lengths,
             EntropySemiring,
         )
 
-    def _check(self, seg: Segmentation) -> Segmentation:
+    def _check(self, seg: Segmentation) -> tuple[Segmentation, torch.Tensor]:
+        """Validated ``(segmentation, empty)``; ``empty`` (..., B) marks sentinel rows, which
+        are replaced by a placeholder segmentation (every position its own state-0 segment)."""
         if not isinstance(seg, tuple) or len(seg) != 2:
             raise TypeError("expected a Segmentation (states, starts)")
         states, starts = seg
@@ -239,38 +273,46 @@ class HSMM:
                 raise ValueError(f"{name} must have shape (..., {want[0]}, {want[1]})")
         if states.shape != starts.shape:
             raise ValueError("states and starts must have the same shape")
+        empty = Segmentation(states, starts.bool()).empty()
+        states = torch.where(empty.unsqueeze(-1), torch.zeros_like(states), states).long()
+        starts = starts.bool() | empty.unsqueeze(-1)
         m = self.mask.expand_as(states)
         real = states[m]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_states):
-            raise ValueError(f"states must lie in [0, {self.num_states}) within lengths")
+            raise ValueError(f"states must lie in [0, {self.num_states}) within lengths "
+                             "(or be all -1 with no start: the no-segmentation sentinel)")
         if not bool(starts[..., 0].all()):
             raise ValueError("every segmentation must start a segment at position 0")
         prev = torch.cat([states[..., :1], states[..., :-1]], -1)
         if bool(((states != prev) & ~starts & m).any()):
             raise ValueError("states may only change where a segment starts")
-        ends, dur = semimarkov.segment_ends(starts.bool(), self.lengths)
+        ends, dur = semimarkov.segment_ends(starts, self.lengths)
         if bool((dur[ends] >= self.max_duration).any()):
             raise ValueError(f"a segment is longer than the maximum duration {self.max_duration}")
-        return Segmentation(states.long(), starts.bool())
+        return Segmentation(states, starts), empty
 
     def score(self, seg: Segmentation) -> torch.Tensor:
-        """``log p(x, segmentation)``: (..., B)."""
-        states, starts = self._check(seg)
-        return semimarkov.segmentation_score(
+        """``log p(x, segmentation)``: (..., B); ``-inf`` for the sentinel."""
+        (states, starts), empty = self._check(seg)
+        score = semimarkov.segmentation_score(
             self.init_logp, self.transition, self.segment_scores, self.lengths, states, starts
         )
+        return torch.where(empty, torch.full_like(score, -math.inf), score)
 
     def log_prob(self, seg: Segmentation) -> torch.Tensor:
-        """``log p(segmentation | x)``: (..., B)."""
-        return self.score(seg) - self.log_partition
+        """``log p(segmentation | x)``: (..., B); ``-inf`` for a segmentation of score
+        ``-inf`` (the sentinel included), also on an impossible sequence."""
+        score = self.score(seg)
+        return torch.where(torch.isneginf(score), score, score - self.log_partition)
 
     def to_chart(self, seg: Segmentation) -> torch.Tensor:
         """The 0/1 segment indicator (..., B, T, K, Z) of segmentations (matches
-        :attr:`segment_marginals` in expectation)."""
-        states, starts = self._check(seg)
-        return semimarkov.segment_chart(
+        :attr:`segment_marginals` in expectation; all 0 for the sentinel)."""
+        (states, starts), empty = self._check(seg)
+        chart = semimarkov.segment_chart(
             states, starts, self.lengths, self.max_duration, self.num_states
         )
+        return chart * (~empty).to(chart.dtype)[..., None, None, None]
 
     def __repr__(self) -> str:
         return (

@@ -21,11 +21,14 @@ from collections.abc import Sequence
 import torch
 
 from lorank._checks import check_positive_int, check_tensor
+from lorank.distributions.hmm import prepare_chain_inputs
+from lorank.distributions.hsmm import prepare_hsmm_inputs
+from lorank.distributions.pcfg import prepare_pcfg_inputs
 from lorank.dp import hypergraph as hg
 from lorank.dp.hypergraph import Edge, LowRankPotential
 from lorank.dp.semimarkov import segment_scores
 from lorank.factors import Factor, LowRank
-from lorank.rules import CPRules, DenseRules, LowRankRules, Rules
+from lorank.rules import Rules
 from lorank.semiring import EntropySemiring, LogSemiring, MaxSemiring, Semiring
 
 
@@ -211,42 +214,48 @@ def _transition_potential(factor: Factor) -> torch.Tensor | LowRankPotential:
     return factor.log_probs().transpose(-1, -2)
 
 
-def hmm_hypergraph(init_logp: torch.Tensor, transition: Factor,
+def hmm_hypergraph(init: torch.Tensor, transition: Factor,
                    emission: torch.Tensor) -> Hypergraph:
-    """The HMM forward algorithm as a hypergraph: node ``t`` (Z labels) has the emission as
-    potential and one edge from node ``t-1`` with ``log P^T`` (a low-rank edge for a
-    ``LowRank`` factor).  ``emission`` (*batch, T, Z); the root is the last node."""
+    """The HMM forward algorithm as a hypergraph, from the inputs of :class:`lorank.HMM`
+    (``init`` logits (Z,) or (B, Z), ``transition`` factor, ``emission`` (B, T, Z); validated
+    the same way, every sequence of full length T): node ``t`` (Z labels, id t) has the
+    emission (plus the initial distribution at t = 0) as potential and one edge from node
+    ``t-1`` with ``log P^T`` (a low-rank edge for a ``LowRank`` factor); the root is node T-1."""
+    init_logp, _ = prepare_chain_inputs(init, transition, emission, None)
     g = Hypergraph()
     t_len = emission.shape[-2]
+    trans = _transition_potential(transition)
     prev = None
     for t in range(t_len):
         pot = emission[..., t, :] + (init_logp if t == 0 else 0)
         v = g.add_node(emission.shape[-1], pot, name=("x", t))
         if prev is not None:
-            g.add_edge(v, [prev], _transition_potential(transition))
+            g.add_edge(v, [prev], trans)
         prev = v
     return g
 
 
-def hsmm_hypergraph(init_logp: torch.Tensor, transition: Factor, duration_logp: torch.Tensor,
+def hsmm_hypergraph(init: torch.Tensor, transition: Factor, duration: torch.Tensor,
                     emission: torch.Tensor) -> Hypergraph:
-    """The semi-Markov forward algorithm as a hypergraph: ``start(s)`` and ``end(t)`` nodes
+    """The semi-Markov forward algorithm as a hypergraph, from the inputs of
+    :class:`lorank.HSMM` (``init`` and ``duration`` logits, validated and normalized the same
+    way; every sequence of full length T): nodes ``start(t)`` (id 2t) and ``end(t)`` (id 2t+1)
     with Z labels; ``end(t) <- start(s)`` for ``t - s < K`` with the segment score on the
-    diagonal; ``start(s) <- end(s-1)`` with the transition.  ``emission`` (*batch, T, Z),
-    ``duration_logp`` (Z, K) normalized; the root is ``end(T-1)``."""
+    diagonal; ``start(s) <- end(s-1)`` with the transition.  The root is ``end(T-1)``."""
+    init_logp, duration_logp, _ = prepare_hsmm_inputs(init, transition, duration, emission)
     z = emission.shape[-1]
     t_len = emission.shape[-2]
-    em = emission.reshape(-1, t_len, z)
-    seg = segment_scores(em, duration_logp).reshape(*emission.shape[:-2], t_len, -1, z)
+    seg = segment_scores(emission, duration_logp)
     k = seg.shape[-2]
     off = torch.full((z, z), float("-inf"), dtype=emission.dtype, device=emission.device)
     eye = torch.eye(z, dtype=torch.bool, device=emission.device)
+    trans = _transition_potential(transition)
     g = Hypergraph()
     starts, ends = [], []
     for t in range(t_len):
         sv = g.add_node(z, init_logp if t == 0 else None, name=("start", t))
         if t > 0:
-            g.add_edge(sv, [ends[t - 1]], _transition_potential(transition))
+            g.add_edge(sv, [ends[t - 1]], trans)
         starts.append(sv)
         ev = g.add_node(z, name=("end", t))
         for d in range(1, min(k, t + 1) + 1):
@@ -256,27 +265,31 @@ def hsmm_hypergraph(init_logp: torch.Tensor, transition: Factor, duration_logp: 
     return g
 
 
-def _rule_potential(rules: Rules, rb: slice, cb: slice):
-    if isinstance(rules, CPRules):  # includes RankSpaceRules
-        lh, ll, lr = rules.log_factors()
-        return LowRankPotential(lh, [ll[..., rb, :], lr[..., cb, :]])
-    if isinstance(rules, LowRankRules):
-        lu, lv = rules._normalized()
-        return LowRankPotential(lu, lv[..., rb, cb, :])
-    if isinstance(rules, DenseRules):
-        return rules.log_probs()[..., rb, cb]
-    return rules.log_probs()[..., rb, cb]
+def cky_node(start: int, end: int, n: int) -> int:
+    """The id of the node of span ``[start, end)`` in :func:`cky_hypergraph` over n words:
+    nodes are numbered by width, then by start (widths 1, 2, ..., n); the root node comes
+    last, with id ``n (n + 1) / 2``."""
+    if not 0 <= start < end <= n:
+        raise ValueError(f"need 0 <= start < end <= n, got start={start}, end={end}, n={n}")
+    w = end - start
+    return (w - 1) * n - (w - 1) * (w - 2) // 2 + start
 
 
-def cky_hypergraph(root_logp: torch.Tensor, rules: Rules, terminal: torch.Tensor) -> Hypergraph:
-    """CKY as a hypergraph: one node per span (preterminal labels for single words, with the
-    word scores as potentials; nonterminal labels otherwise), one edge per split with the rule
-    block for the children's symbol types (low-rank or CP edges for factored rules), and a
-    one-label root node with the root distribution.  ``root_logp`` (*batch, S) normalized over
-    all symbols, ``terminal`` (*batch, n, p); the root is the last node."""
+def cky_hypergraph(root: torch.Tensor, rules: Rules, terminal: torch.Tensor) -> Hypergraph:
+    """CKY as a hypergraph, from the inputs of :class:`lorank.PCFG` (``root`` logits over the
+    m nonterminals or all S symbols, (.) or (B, .); ``rules``; ``terminal`` (B, n, p);
+    validated and normalized the same way, every sentence of full length n).
+
+    One node per span (preterminal labels and the word scores as potentials for single words;
+    nonterminal labels otherwise), one edge per split with the rule block of the children's
+    symbol types (low-rank or CP edges for factored rules, from
+    :meth:`lorank.rules.Rules.hyperedge_potentials`), and a one-label root node with the root
+    distribution.  Node order: by width, then start (:func:`cky_node`); the root is last.
+    Each node's ``name`` is ``("span", start, end_exclusive)`` (the root's: ``"root"``)."""
+    root_logp, _ = prepare_pcfg_inputs(root, rules, terminal)
     m, p = rules.num_nonterminals, rules.num_preterminals
     n = terminal.shape[-2]
-    nt, pt = slice(0, m), slice(m, m + p)
+    pots = rules.hyperedge_potentials()
     g = Hypergraph()
     node = {}
     for i in range(n):
@@ -285,12 +298,11 @@ def cky_hypergraph(root_logp: torch.Tensor, rules: Rules, terminal: torch.Tensor
         for i in range(n - w + 1):
             v = g.add_node(m, name=("span", i, i + w))
             for k in range(i + 1, i + w):
-                rb = pt if k - i == 1 else nt
-                cb = pt if i + w - k == 1 else nt
-                g.add_edge(v, [node[i, k], node[k, i + w]], _rule_potential(rules, rb, cb))
+                blk = ("P" if k - i == 1 else "N") + ("P" if i + w - k == 1 else "N")
+                g.add_edge(v, [node[i, k], node[k, i + w]], pots[blk])
             node[i, i + w] = v
     top = g.add_node(1, name="root")
-    sl = pt if n == 1 else nt
+    sl = slice(m, m + p) if n == 1 else slice(0, m)
     g.add_edge(top, [node[0, n]], root_logp[..., sl].unsqueeze(-2))
     return g
 
@@ -301,4 +313,5 @@ __all__ = [
     "hmm_hypergraph",
     "hsmm_hypergraph",
     "cky_hypergraph",
+    "cky_node",
 ]

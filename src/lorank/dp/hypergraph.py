@@ -63,6 +63,11 @@ class LowRankPotential:
             return tuple(self.tails[0].shape[nbatch:-1])
         return tuple(t.shape[-2] for t in self.tails)
 
+    def log_factors(self) -> tuple[torch.Tensor, ...]:
+        """``(head, *tails)``: ``pot = log sum_r exp(head[a, r] + tails...[b, r])`` (the same
+        reading as ``log_factors()`` of the low-rank rule factors)."""
+        return (self.head, *self.tails)
+
     def to_dense(self) -> torch.Tensor:
         """The dense log-potential (*batch, H, T_1, ..., T_k)."""
         if self.joint:

@@ -22,34 +22,36 @@ import math
 import torch
 
 from lorank._numerics import gumbel_noise, safe_log, stable_shift
-from lorank.rules import Rules
+from lorank.dp import rank_inside
+from lorank.rules import ALL, Rules
 from lorank.semiring import log_matmul, safe_logsumexp
 
 NEG_INF = -math.inf
 
 
-def _outer(left: torch.Tensor, right: torch.Tensor):
-    """``X[., B, C] = sum_k exp(left[., k, B] + right[., k, C] - M)`` and the shift M.
-
-    left (B, n, K, Sb), right (B, n, K, Sc) log -> X (B, n, Sb, Sc) in [0, K], M (B, n, 1).
-    One batched GEMM over the split dimension K."""
-    lm, rm = stable_shift(left, -1), stable_shift(right, -1)
-    tot = lm + rm  # (B, n, K, 1)
-    big = stable_shift(tot, -2)  # (B, n, 1, 1)
-    pl = (left - lm).exp() * (tot - big).exp()
-    pr = (right - rm).exp()
-    return pl.transpose(-1, -2) @ pr, big.squeeze(-1)
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log vectors (..., K) -> probabilities divided by their max, and the detached log max
+    (...) (clamped to the dtype's lowest value, so an all ``-inf`` vector is zeros)."""
+    top = x.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+    return (x - top).exp(), top.squeeze(-1)
 
 
-def _root(root_logp, top_nt, term, lengths):
-    """log Z from the nonterminal score of the whole sentence (B, m) (-inf for one-word
-    sentences) and, for one-word sentences, the preterminal scores."""
-    one = (lengths == 1).unsqueeze(-1)
-    top_pt = torch.where(one, term[:, 0], torch.full_like(term[:, 0], NEG_INF))
-    return safe_logsumexp(root_logp + torch.cat([top_nt, top_pt], -1), -1)
+def _top_log_partition(root_logp, top_v, top_c, term, lengths):
+    """log Z from each sentence's top-span nonterminal vector (B, m) at log-scale (B,) and,
+    for one-word sentences, the preterminal scores."""
+    m = top_v.shape[-1]
+    root_n = root_logp[:, :m]
+    mr = stable_shift(root_n, -1)
+    dot = safe_log((top_v * (root_n - mr).exp()).sum(-1))
+    # an impossible sentence is -inf with zero gradient (also to the potentials in the scale)
+    nt = torch.where(torch.isfinite(dot), top_c + dot + mr.squeeze(-1), NEG_INF)
+    one_word = safe_logsumexp(root_logp[:, m:] + term[:, 0], -1)
+    return torch.where(lengths == 1, one_word, nt)
 
 
-def _pad_term(term: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def pad_terminal(term: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``term`` with the word scores past each sentence's length replaced by 0 (a new tensor),
+    so that padding never contributes -inf or NaN."""
     steps = torch.arange(term.shape[1], device=term.device)
     valid = (steps.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
     return torch.where(valid, term, torch.zeros_like(term))
@@ -69,7 +71,7 @@ def inside(
     "children", "cp" or "rank_space").  With ``return_chart``, also the nonterminal chart
     (B, n, n+1, m) of log inside scores indexed by (start, width) (not in rank space)."""
     kind = kind or rules.inside_kind
-    term = _pad_term(term, lengths)
+    term = pad_terminal(term, lengths)
     if kind == "children":
         return inside_children(root_logp, rules.child_operators(), rules.num_nonterminals,
                                term, lengths, span_pot, label_pot, return_chart)
@@ -77,9 +79,54 @@ def inside(
         if kind == "rank_space" and (label_pot is not None or return_chart):
             raise ValueError("rank-space inside has no per-label chart; use kind='cp'")
         lh, ll, lr = rules.log_factors()
-        return inside_cp(root_logp, lh, ll, lr, term, lengths, span_pot, label_pot,
-                         rank_space=kind == "rank_space", return_chart=return_chart)
+        return inside_factored(root_logp, lh, ll, lr, term, lengths, span_pot, label_pot,
+                               rank_space=kind == "rank_space", return_chart=return_chart)
     raise ValueError(f"unknown inside kind {kind!r}")
+
+
+#: grammars with at most this many symbols run the children inside on full S x S child
+#: products (up to 4x the arithmetic of the blocks, but far fewer tensor operations: small
+#: grammars are bound by per-operation overhead); larger ones by blocks of symbol types.
+UNIFIED_MAX_SYMBOLS = 24
+
+
+def _split_unified(op, cl, cr, sl, sr, w, nw, n):
+    """Head scores (B, nw, m) of all spans of width w at log-scale (B, nw, 1) from full-symbol
+    charts: ``X = sum_k wts_k left_k (x) right_k`` over all splits, one batched GEMM, then the
+    rules' ``"AA"`` operator."""
+    left, right = cl[:, :nw, 1:w].clone(), cr[:, w:, n + 2 - w :].clone()
+    scales = sl[:, :nw, 1:w] + sr[:, w:, n + 2 - w :]
+    big = scales.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(cl.dtype).min)
+    x = (left * (scales - big).exp().unsqueeze(-1)).transpose(-1, -2) @ right
+    return op(x), big
+
+
+def _split_blocks(ops, tp, tc, cl, cr, sl, sr, w, nw, n):
+    """As :func:`_split_unified` on nonterminal charts, by blocks of child symbol types
+    (preterminal children are the words ``tp`` at log-scales ``tc``)."""
+    b = tp.shape[0]
+    # (block, left (B, nw, [K,] Sb), right, log-scales (B, nw[, K]))
+    if w == 2:
+        parts = [("PP", tp[:, :nw], tp[:, 1:], tc[:, :nw] + tc[:, 1:])]
+    else:
+        parts = [("PN", tp[:, :nw], cr[:, w:, n + 2 - w].clone(),
+                  tc[:, :nw] + sr[:, w:, n + 2 - w]),
+                 ("NP", cl[:, :nw, w - 1].clone(), tp[:, w - 1 :],
+                  sl[:, :nw, w - 1] + tc[:, w - 1 :])]
+    if w >= 4:
+        parts.append(("NN", cl[:, :nw, 2 : w - 1].clone(), cr[:, w:, n + 3 - w : n].clone(),
+                      sl[:, :nw, 2 : w - 1] + sr[:, w:, n + 3 - w : n]))
+    scales = torch.cat([sc.view(b, nw, -1) for *_, sc in parts], -1)
+    big = scales.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(tp.dtype).min)
+    beta = 0
+    for blk, left, right, sc in parts:
+        wts = (sc - (big if sc.dim() == 3 else big.squeeze(-1))).exp()
+        if blk == "NN":  # sum over the splits: one batched GEMM
+            x = (left * wts.unsqueeze(-1)).transpose(-1, -2) @ right
+        else:
+            x = left.unsqueeze(-1) * (right * wts.unsqueeze(-1)).unsqueeze(-2)
+        beta = beta + ops[blk](x)
+    return beta, big
 
 
 def inside_children(
@@ -87,100 +134,88 @@ def inside_children(
 ):
     """Inside pass for rules given as child operators (dense and low-rank head-vs-children).
 
-    For each width w, the children of all spans are combined in four blocks by symbol type
-    (preterminal children have width 1): the split products ``X = sum_k left_k (x) right_k``
-    (one batched GEMM, O(n S^2) per span) then go through the block's operator (O(S^2 m) dense,
-    O(S^2 R + R m) low-rank).  Scaled probability space with a per-span max shift.
+    For each width w, the split products of all spans ``X = sum_k left_k (x) right_k`` (one
+    batched GEMM over the splits, O(n S^2) per span) go through the rules' operator (O(S^2 m)
+    dense, O(S^2 R + R m) low-rank): on full S x S products for small grammars, else by
+    blocks of child symbol types (a width-1 child is a preterminal).  Scaled probability
+    space: each chart entry is divided by its max and its log-scale kept beside it, so a
+    width costs a few dozen tensor operations.  Charts: left children indexed (start, width),
+    right children (end, n + 1 - width).  ``return_chart``: also the log inside chart
+    (B, n, n+1, m) indexed by (start, width).
     """
     b, n, p = term.shape
-    chart_l = term.new_full((b, n, n + 1, m), NEG_INF)  # (start, width)
-    chart_r = term.new_full((b, n + 1, n + 1, m), NEG_INF)  # (end, width)
+    unified = ALL in ops and m + p <= UNIFIED_MAX_SYMBOLS
+    size = m + p if unified else m
+    tp, tc = _scaled(term)  # (B, n, p), (B, n)
+    cl, cr = term.new_zeros(b, n, n + 1, size), term.new_zeros(b, n + 1, n + 1, size)
+    sl = term.new_full((b, n, n + 1), NEG_INF)
+    sr = term.new_full((b, n + 1, n + 1), NEG_INF)
+    if unified:  # the words: width-1 entries with only a preterminal part
+        cl[:, :, 1, m:], sl[:, :, 1] = tp, tc
+        cr[:, 1:, n, m:], sr[:, 1:, n] = tp, tc
+    len_set = set(lengths.tolist())
+    top_v, top_c = term.new_zeros(b, n + 1, m), term.new_full((b, n + 1), NEG_INF)
+    chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
     for w in range(2, n + 1):
         nw = n - w + 1
-        parts = []
-        if w == 2:
-            parts.append(("PP", term[:, :nw].unsqueeze(2), term[:, 1:].unsqueeze(2)))
+        if unified:
+            beta, cy = _split_unified(ops[ALL], cl, cr, sl, sr, w, nw, n)
         else:
-            parts.append(("PN", term[:, :nw].unsqueeze(2),
-                          chart_r[:, w:, w - 1].unsqueeze(2).clone()))
-            parts.append(("NP", chart_l[:, :nw, w - 1].unsqueeze(2).clone(),
-                          term[:, w - 1 :].unsqueeze(2)))
-        if w >= 4:
-            parts.append(("NN", chart_l[:, :nw, 2 : w - 1].clone(),
-                          chart_r[:, w:, 2 : w - 1].flip(2)))
-        vals = []
-        for blk, left, right in parts:
-            x, shift = _outer(left, right)
-            vals.append(safe_log(ops[blk](x)) + shift)
-        beta = vals[0] if len(vals) == 1 else safe_logsumexp(torch.stack(vals), 0)
+            beta, cy = _split_blocks(ops, tp, tc, cl, cr, sl, sr, w, nw, n)
+        cy = cy.squeeze(-1)
         if label_pot is not None:
-            beta = beta + label_pot[:, :nw, w]
+            lab = label_pot[:, :nw, w]
+            ml = stable_shift(lab, -1)
+            beta = beta * (lab - ml).exp()
+            cy = cy + ml.squeeze(-1)
         if span_pot is not None:
-            beta = beta + span_pot[:, :nw, w].unsqueeze(-1)
-        chart_l[:, :nw, w] = beta
-        chart_r[:, w:, w] = beta
-    top = chart_l[torch.arange(b, device=term.device), 0, lengths]
-    logz = _root(root_logp, top, term, lengths)
-    return (logz, chart_l) if return_chart else logz
+            cy = cy + span_pot[:, :nw, w]
+        bmax = beta.detach().amax(-1, keepdim=True)
+        beta = beta / bmax.clamp_min(torch.finfo(term.dtype).tiny)
+        cy = cy + bmax.squeeze(-1).log()  # -inf for a span no tree can cover
+        if chart is not None:
+            chart[:, :nw, w] = safe_log(beta) + cy.unsqueeze(-1)
+        if w in len_set:
+            top_v[:, w], top_c[:, w] = beta[:, 0], cy[:, 0]
+        cl[:, :nw, w, :m], sl[:, :nw, w] = beta, cy
+        cr[:, w:, n + 1 - w, :m], sr[:, w:, n + 1 - w] = beta, cy
+    bidx = torch.arange(b, device=term.device)
+    logz = _top_log_partition(root_logp, top_v[bidx, lengths], top_c[bidx, lengths], term,
+                              lengths)
+    return (logz, chart) if return_chart else logz
 
 
-def inside_cp(
+def inside_factored(
     root_logp, lh, ll, lr, term, lengths, span_pot=None, label_pot=None,
     rank_space=False, return_chart=False,
 ):
-    """Inside pass for CP rules ``T = sum_r H[A,r] L[B,r] R[C,r]`` (log factors lh (m, R),
-    ll and lr (S, R), possibly batched).
-
-    The chart keeps each span's projections ``log sum_B beta[B] L[B, r]`` (as a left child) and
-    ``log sum_C beta[C] R[C, r]`` (as a right child).  A span's rank vector is
-    ``s[r] = sum_k lproj[i, k, r] rproj[k, j, r]`` (O(n R) per span).  CP (TN-PCFG) then forms
-    ``beta = H s`` and projects it, O(m R) per span; rank space (Yang, Liu & Tu 2022) maps
-    ``s`` straight to the projections through ``H^T L_N`` and ``H^T R_N``, O(R^2) per span.
-    """
-    b, n, p = term.shape
-    m, r = lh.shape[-2:]
-    ll_n, ll_p = ll[..., :m, :], ll[..., m:, :]
-    lr_n, lr_p = lr[..., :m, :], lr[..., m:, :]
-    lht = lh.transpose(-1, -2)  # (R, m)
-    lproj = term.new_full((b, n, n + 1, r), NEG_INF)  # (start, width)
-    rproj = term.new_full((b, n + 1, n + 1, r), NEG_INF)  # (end, width)
-    lproj[:, :, 1] = log_matmul(term, ll_p)
-    rproj[:, 1:, 1] = log_matmul(term, lr_p)
-    # rank vectors (rank space) or inside vectors (CP) of the spans [0, w)
-    top = term.new_full((b, n + 1, r if rank_space else m), NEG_INF)
-    chart = term.new_full((b, n, n + 1, m), NEG_INF) if return_chart else None
+    """Inside pass for CP rules ``T = sum_r H[A,r] L[B,r] R[C,r]`` (normalized log factors lh
+    (m, R), ll and lr (S, R), possibly batched) by :mod:`lorank.dp.rank_inside`: TN-PCFG's
+    O(n^3 R + n^2 m R) pass, or the rank-space O(n^3 R + n^2 R^2) pass (Yang, Liu & Tu 2022),
+    with a hand-written outside pass as the backward; when no input requires grad (or grad
+    is disabled) the forward runs alone and saves nothing.  ``return_chart`` (CP only): also
+    the log inside chart (B, n, n+1, m), computed without gradient."""
+    m = lh.shape[-2]
+    lproj1 = log_matmul(term, ll[..., m:, :])  # (B, n, R): the words as left children
+    rproj1 = log_matmul(term, lr[..., m:, :])
+    h, l_n, r_n = lh.exp(), ll[..., :m, :].exp(), lr[..., :m, :].exp()
     if rank_space:
-        to_l, to_r = log_matmul(lht, ll_n), log_matmul(lht, lr_n)  # (R, R)
-    for w in range(2, n + 1):
-        nw = n - w + 1
-        left = lproj[:, :nw, 1:w].clone()
-        right = rproj[:, w:, 1:w].flip(2)
-        s = safe_logsumexp(left + right, 2)  # (B, nw, R)
-        if span_pot is not None:
-            s = s + span_pot[:, :nw, w].unsqueeze(-1)
-        if rank_space:
-            vec = s
-            lp, rp = log_matmul(s, to_l), log_matmul(s, to_r)
-        else:
-            vec = log_matmul(s, lht)  # beta (B, nw, m)
-            if label_pot is not None:
-                vec = vec + label_pot[:, :nw, w]
-            lp, rp = log_matmul(vec, ll_n), log_matmul(vec, lr_n)
-            if chart is not None:
-                chart[:, :nw, w] = vec
-        lproj[:, :nw, w] = lp
-        rproj[:, w:, w] = rp
-        top[:, w] = vec[:, 0]
-    top = top[torch.arange(b, device=term.device), lengths]  # (B, R or m)
-    root_n = root_logp[:, :m]
-    if rank_space:
-        # sum_A root[A] beta[A] = sum_r s[r] (root^T H)[r]
-        top_nt = log_matmul(root_n.unsqueeze(-2), lh).squeeze(-2) + top  # (B, R)
-        top_nt = safe_logsumexp(top_nt, -1, keepdim=True)
-        logz = _root(torch.cat([torch.zeros_like(top_nt), root_logp[:, m:]], -1), top_nt,
-                     term, lengths)
+        ht = h.transpose(-1, -2)
+        h_t, mx = None, torch.cat([ht @ l_n, ht @ r_n], -1)  # (R, 2R)
+        root = log_matmul(root_logp[:, :m].unsqueeze(-2), lh).squeeze(-2)  # log root_N^T H
     else:
-        logz = _root(root_logp, top, term, lengths)
+        h_t, mx, root = h.transpose(-1, -2), torch.cat([l_n, r_n], -1), root_logp[:, :m]
+    args = (lproj1, rproj1, h_t, mx, root, span_pot, label_pot)
+    chart = None
+    if return_chart or not (torch.is_grad_enabled()
+                            and any(t is not None and t.requires_grad for t in args)):
+        # inference: nothing saved for a backward pass
+        with torch.no_grad():
+            logz_nt, _, chart = rank_inside.forward_pass(*args, lengths, chart_out=return_chart)
+    else:
+        logz_nt = rank_inside.SplitInside.apply(*args, lengths)
+    one_word = safe_logsumexp(root_logp[:, m:] + term[:, 0], -1)
+    logz = torch.where(lengths == 1, one_word, logz_nt)
     return (logz, chart) if return_chart else logz
 
 
@@ -206,7 +241,7 @@ def max_chart(
     """Max-product inside chart over nonterminals (B, n, n+1, m) on the dense ``log T``
     ((m, S, S) or (B, m, S, S)).  Max does not factor through a rank, so this is
     O(n^3 S^2 + n^2 S^2 m) whatever the factorization (heads processed in chunks)."""
-    term = _pad_term(term, lengths)
+    term = pad_terminal(term, lengths)
     b, n, p = term.shape
     m = log_rules.shape[-3]
     batched = log_rules.dim() == 4
@@ -253,7 +288,8 @@ def decode(
     expanded in lock-step (pre-order, one node per step; the stack is a tensor).
 
     Returns trees (num, B, 2n-1, 3) long: rows ``(start, end_exclusive, symbol)`` in pre-order,
-    padded with -1.
+    padded with -1; all rows -1 (the "no tree" sentinel) for a sentence without a finite-score
+    tree.
     """
     b, n, _, s = chart.shape
     m = log_rules.shape[-3]
@@ -274,7 +310,9 @@ def decode(
     stack[:, 0, 0] = 0
     stack[:, 0, 1] = lens
     stack[:, 0, 2] = root_sym
-    sp = torch.ones(nn_, dtype=torch.long, device=dev)
+    # an impossible sentence (no tree has a finite score) starts with an empty stack: its
+    # output stays the all -1 "no tree" sentinel
+    sp = torch.isfinite(top.amax(-1)).long()
     out = torch.full((nn_, 2 * n - 1, 3), -1, dtype=torch.long, device=dev)
     ks = torch.arange(1, max(n, 2), device=dev)  # candidate split offsets 1..n-1
     batched = log_rules.dim() == 4
@@ -336,7 +374,7 @@ def tree_parts(trees: torch.Tensor):
 
 def mbr_spans(span_marg: torch.Tensor, lengths: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Minimum-Bayes-risk bracketing: the binary tree maximizing the summed span marginals
-    (B, n, n) [start, end inclusive] of its spans; returns the spans (start, end_exclusive) of
+    (B, n, n) [first word, last word] of its spans; returns the spans (start, end_exclusive) of
     each tree in pre-order.  O(n^3) by width, vectorized over starts."""
     b, n, _ = span_marg.shape
     sc = span_marg.new_full((b, n, n + 1), NEG_INF)

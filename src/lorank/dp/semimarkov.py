@@ -14,7 +14,8 @@ Forward messages: ``start[t, z]`` is the log-mass of all prefixes in which a seg
 ``z`` starts at ``t``, ``alpha[t, z]`` that of all prefixes in which a segment of state ``z``
 ends at ``t``.  ``start[0] = init``, ``start[t] = alpha[t - 1] @ P`` (one factor product: O(Z R)
 for a low-rank factor) and ``alpha[t, z] = LSE_d start[t - d + 1, z] + seg[t, d - 1, z]``
-(O(K Z)).  Segment scores come from cumulative sums of the emissions, never loops over spans.
+(O(K Z)).  Segment scores are running sums of the emissions over the duration (K passes),
+never loops over spans.
 """
 
 from __future__ import annotations
@@ -37,27 +38,19 @@ def segment_scores(
     """Segment log-potentials ``seg[b, t, d-1, z] = duration[z, d-1] + sum_{s=t-d+1}^{t}
     emission[b, s, z]``: (B, T, K, Z), ``-inf`` where ``t - d + 1 < 0``.
 
-    ``emission`` (B, T, Z) log-likelihoods; ``duration_logp`` (Z, K) or (B, Z, K).  The sums
-    are differences of one cumulative sum (taken in float64 so that long sequences keep their
-    precision); ``-inf`` emissions are counted separately so that differences never give NaN.
+    ``emission`` (B, T, Z) log-likelihoods; ``duration_logp`` (Z, K) or (B, Z, K).  Running
+    sums over the duration, ``sums[t, d] = sums[t-1, d-1] + emission[t]``: every entry is a
+    sum of at most K terms (no cancellation, so float32 keeps its precision on sequences of
+    any length) and ``-inf`` emissions stay ``-inf`` (no NaN).  K passes over (B, T, Z).
     """
     b, t_len, z = emission.shape
     k = duration_logp.shape[-1] if max_duration is None else max_duration
-    finite = torch.isfinite(emission)
-    em64 = torch.where(finite, emission, torch.zeros_like(emission)).to(torch.float64)
-    zero = em64.new_zeros(b, 1, z)
-    cs = torch.cat([zero, em64.cumsum(1)], 1)  # (B, T+1, Z)
-    bad = torch.cat([zero, (~finite).to(torch.float64).cumsum(1)], 1)
-    ends = torch.arange(1, t_len + 1, device=emission.device).unsqueeze(1)  # (T, 1)
-    begins = ends - torch.arange(1, k + 1, device=emission.device)  # (T, K)
-    valid = begins >= 0
-    bc = begins.clamp_min(0)
-    sums = (cs[:, ends.expand(t_len, k)] - cs[:, bc]).to(emission.dtype)  # (B, T, K, Z)
-    nbad = bad[:, ends.expand(t_len, k)] - bad[:, bc]
-    ok = valid.unsqueeze(-1) & (nbad < 0.5)
+    sums = emission.new_full((b, t_len, k, z), -math.inf)
+    sums[:, :, 0] = emission
+    for d in range(1, min(k, t_len)):
+        sums[:, d:, d] = sums[:, d - 1 : -1, d - 1] + emission[:, d:]
     dur = duration_logp.transpose(-1, -2)  # (Z, K) -> (K, Z) / (B, K, Z)
-    dur = dur.unsqueeze(-3) if dur.dim() == 3 else dur
-    return torch.where(ok, sums + dur, torch.full_like(sums, -math.inf))
+    return sums + (dur.unsqueeze(-3) if dur.dim() == 3 else dur)
 
 
 def _stack_window(msgs: list[torch.Tensor], t: int, k: int, dim: int) -> torch.Tensor:
@@ -170,7 +163,8 @@ def backtrack(
     argmax it draws exact posterior samples.
 
     ``columns(j)``: ``log P[:, j]`` (..., Z) for indices j (num, B).  Returns ``(states,
-    starts)``: (num, B, T) long (-1 at padding) and bool (True where a segment begins).
+    starts)``: (num, B, T) long (-1 at padding) and bool (True where a segment begins); all -1
+    and no start for a sequence whose messages are all ``-inf`` at its end.
     """
     b, t_len, k, z = seg.shape
     dev = seg.device
@@ -179,8 +173,10 @@ def backtrack(
     states = torch.full((num, b, t_len), PAD, dtype=torch.long, device=dev)
     starts = torch.zeros((num, b, t_len), dtype=torch.bool, device=dev)
     end = (lengths - 1).expand(num, b).clone()
-    state = pick(alpha[batch, end])  # (num, B)
-    active = torch.ones((num, b), dtype=torch.bool, device=dev)
+    last = alpha[batch, end]  # (num, B, Z)
+    state = pick(last)
+    # an impossible sequence (no finite-score segmentation) stays the sentinel: -1, no start
+    active = torch.isfinite(last.amax(-1))
     durs = torch.arange(k, device=dev)
     for _ in range(t_len):
         if not bool(active.any()):

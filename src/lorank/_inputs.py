@@ -1,0 +1,101 @@
+"""Input preparation shared by the structured distributions (PCFG, HSMM, their hypergraphs).
+
+One copy of each convention (see the table in docs/structures.md): errors name the argument
+the caller passed; all floating inputs share one dtype and device; logits are normalized so
+that a row of all ``-inf`` stays ``-inf`` (never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorank._numerics import finite_or_zero
+from lorank.semiring import safe_logsumexp
+
+
+def check_instance(name: str, value: object, cls: type, expected: str) -> None:
+    """Raise a TypeError naming the argument unless ``value`` is a ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def check_alike(**tensors: torch.Tensor) -> None:
+    """Raise a TypeError naming the arguments unless all tensors share one dtype and device."""
+    items = list(tensors.items())
+    name0, ref = items[0]
+    for name, t in items[1:]:
+        for what in ("dtype", "device"):
+            a, b = getattr(ref, what), getattr(t, what)
+            if a != b:
+                raise TypeError(
+                    f"{name} has {what} {b} (shape {tuple(t.shape)}) but {name0} has {what} "
+                    f"{a} (shape {tuple(ref.shape)}); all inputs must share one {what}"
+                )
+
+
+def check_batch_shape(name: str, batch_shape: torch.Size, b: int, source: str) -> None:
+    """Raise unless a factor's batch shape is () (shared) or (b,) (one per example of
+    ``source``, the argument that fixes the batch size)."""
+    if len(batch_shape) and tuple(batch_shape) != (b,):
+        raise ValueError(
+            f"batched {name} must have batch shape ({b},) to match {source}, got "
+            f"{tuple(batch_shape)}"
+        )
+
+
+def check_length_range(lengths: object, max_len: int, source: str) -> None:
+    """Raise unless every length lies in [1, max_len]; ``source`` names the argument whose
+    time dimension is max_len (e.g. ``"terminal"``)."""
+    if lengths is None:
+        return
+    lens = torch.as_tensor(lengths)
+    if lens.numel() == 0 or lens.is_floating_point() or lens.dtype == torch.bool:
+        return  # the shape / dtype errors of lorank._checks.check_lengths apply
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 1 or hi > max_len:
+        raise ValueError(
+            f"lengths must lie in [1, {max_len}] (the time dimension of {source}), "
+            f"got min {lo} and max {hi}"
+        )
+
+
+def check_no_dead_rows(name: str, logits: torch.Tensor) -> None:
+    """Raise unless every row (last dimension) of ``logits`` has a finite entry: a
+    distribution over no outcome (e.g. a root or initial state that can never be drawn)."""
+    if logits.numel() and bool(torch.isneginf(logits).all(-1).any()):
+        rows = torch.isneginf(logits).all(-1).nonzero().tolist()
+        raise ValueError(
+            f"{name} (shape {tuple(logits.shape)}) has a row that is all -inf (rows "
+            f"{rows[:5]}): a distribution needs at least one possible outcome"
+        )
+
+
+def log_normalize(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``log_softmax`` along ``dim`` that leaves an all ``-inf`` slice ``-inf`` (not NaN), with
+    finite gradients there: a state whose row is all ``-inf`` is simply never used."""
+    return logits - finite_or_zero(safe_logsumexp(logits, dim, keepdim=True))
+
+
+def grads_or_zeros(
+    output: torch.Tensor, inputs: Sequence[torch.Tensor], create_graph: bool = False
+) -> list[torch.Tensor]:
+    """``autograd.grad(output, inputs)`` where an input the output does not depend on (or an
+    output that depends on no input, e.g. a batch of one-word sentences) gets zeros."""
+    if not output.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(output, list(inputs), allow_unused=True,
+                                create_graph=create_graph)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+
+__all__ = [
+    "check_alike",
+    "check_batch_shape",
+    "check_instance",
+    "check_length_range",
+    "check_no_dead_rows",
+    "grads_or_zeros",
+    "log_normalize",
+]
