@@ -18,6 +18,7 @@ from torch import nn
 
 from lorank._io import atomic_save_tensors, atomic_write_json
 from lorank.compress.core import _set_module
+from lorank.compress.dictionary import SparseDictionaryLinear, tie_shared_atoms
 from lorank.compress.modules import (
     LowRankEmbedding,
     LowRankLinear,
@@ -37,7 +38,8 @@ REPORT = "compress_report.json"
 def compressed_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: structure dict}`` of every factorized module."""
     return {name: mod.structure() for name, mod in model.named_modules()
-            if isinstance(mod, LowRankLinear | LowRankEmbedding | LowRankRNN)}
+            if isinstance(mod, LowRankLinear | LowRankEmbedding | LowRankRNN
+                          | SparseDictionaryLinear)}
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
@@ -54,6 +56,7 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
         model = _set_module(model, name, new)
+    tie_shared_atoms(model)
     return model
 
 

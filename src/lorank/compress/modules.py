@@ -514,4 +514,8 @@ def build_module(spec: dict) -> nn.Module:
             mod.factorize(name, dense.new_zeros(g, dense.shape[0] // g, r),
                           dense.new_zeros(g, r, dense.shape[1]))
         return mod
+    if kind == "SparseDictionaryLinear":
+        from lorank.compress.dictionary import build_dictionary_module
+
+        return build_dictionary_module(spec)
     raise ValueError(f"unknown factorized module type {kind!r}")

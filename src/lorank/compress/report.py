@@ -17,7 +17,9 @@ class LayerReport:
     ``flops_*`` are per input vector (token / time step): ``2 m n`` dense, ``2 r (m + n)``
     factorized (+ ``2 nnz`` sparse); an embedding lookup counts 0 dense and ``2 r dim``
     factorized.  ``weight_error`` is ``||W - W'||_F / ||W||_F``; ``output_error`` is
-    ``||(W - W') X^T||_F / ||W X^T||_F`` over the calibration inputs X (when collected)."""
+    ``||(W - W') X^T||_F / ||W X^T||_F`` over the calibration inputs X (when collected).
+    Dictionary layers (CoSpaDi, DSFormer) count ``params_after`` as their
+    ``storage_bytes`` in values of the layer's dtype (rounded up)."""
 
     name: str
     kind: str
@@ -32,6 +34,9 @@ class LayerReport:
     output_error: float | None = None
     blocks: int = 1
     note: str = ""
+    #: bytes of the stored factors when they are not all dense values of the layer's dtype
+    #: (dictionary layers: dictionary + nonzero values + support bitmask)
+    storage_bytes: int | None = None
 
 
 @dataclass
