@@ -3,11 +3,12 @@
 ``compress(model, config) -> (model, report)`` replaces the selected ``nn.Linear``,
 ``nn.Embedding``, ``nn.LSTM``/``nn.GRU`` (and Hugging Face attention / MLP projections, which
 are ``nn.Linear`` or ``Conv1D``) by factorized modules computed with plain, randomized,
-Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-rank.
+Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-rank;
+linear layers can also become a dense dictionary times sparse codes (CoSpaDi, DSFormer).
 See ``docs/compress.md``.
 """
 
-from lorank.compress.config import DATA_AWARE, METHODS, CompressConfig
+from lorank.compress.config import DATA_AWARE, DICTIONARY_METHODS, METHODS, CompressConfig
 from lorank.compress.core import (
     compress,
     count_parameters,
@@ -17,6 +18,7 @@ from lorank.compress.core import (
     merge,
     output_tensor,
 )
+from lorank.compress.dictionary import SparseDictionaryLinear, straight_through_finetune
 from lorank.compress.finetune import finetune
 from lorank.compress.hmm import (
     attach_lowrank_transition,
@@ -40,6 +42,9 @@ __all__ = [
     "CompressConfig",
     "METHODS",
     "DATA_AWARE",
+    "DICTIONARY_METHODS",
+    "SparseDictionaryLinear",
+    "straight_through_finetune",
     "CompressionReport",
     "LayerReport",
     "LowRankLinear",
