@@ -8,6 +8,16 @@ linear layers can also become a dense dictionary times sparse codes (CoSpaDi, DS
 See ``docs/compress.md``.
 """
 
+from lorank.compress.adapters import (
+    AdaptedLinear,
+    AdapterConfig,
+    adapter_parameters,
+    attach_adapters,
+    heal,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
 from lorank.compress.config import DATA_AWARE, DICTIONARY_METHODS, METHODS, CompressConfig
 from lorank.compress.core import (
     compress,
@@ -45,6 +55,14 @@ __all__ = [
     "DICTIONARY_METHODS",
     "SparseDictionaryLinear",
     "straight_through_finetune",
+    "AdapterConfig",
+    "AdaptedLinear",
+    "attach_adapters",
+    "merge_adapters",
+    "adapter_parameters",
+    "save_adapters",
+    "load_adapters",
+    "heal",
     "CompressionReport",
     "LayerReport",
     "LowRankLinear",
