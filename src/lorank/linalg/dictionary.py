@@ -105,6 +105,7 @@ def omp(
                              f"{n_keep * k // m_group}, got {nnz}")
     dt = gram.dtype
     dev = corr.device
+    chunk = max(chunk, min(1024, 2 ** 21 // (nnz * k)))  # fewer Python steps on big inputs
     diag = gram.diagonal().clamp_min(torch.finfo(dt).tiny)
     floor = diag.max() * 1e-12
     m = corr.shape[1]
@@ -222,7 +223,8 @@ def sparse_dictionary(
     finds a worse one, so the objective never increases.  With ``nnz == n_atoms`` the result
     is the whitened truncated SVD (the optimum).  ``nm=(N, M)``: N:M-structured codes.
 
-    Returns ``(A, B)`` (A dense with exactly ``nnz`` stored entries per row; with
+    Atoms and code columns are returned with equal norms.  Returns ``(A, B)`` (A dense
+    with exactly ``nnz`` stored entries per row; with
     ``sparse_codes`` the pair ``(index, values)``, each m x nnz, indices ascending) or
     ``(A, B, history)`` with the objective after initialization and every sweep."""
     x = check_matrix("x", x)
@@ -283,6 +285,15 @@ def sparse_dictionary(
     b = d.mT
     if low is not None:
         b = torch.linalg.solve_triangular(low.mT, b.mT, upper=True).mT
+    # balance: atom j and code column j get equal norms (the product is unchanged), so
+    # fine-tuning steps of a given size move both factors alike
+    col = torch.zeros(k, dtype=dt, device=x.device).index_add_(
+        0, index.flatten(), (values * values).flatten()).sqrt()
+    row = b.norm(dim=1)
+    ok = (col > 0) & (row > 0)
+    t = torch.where(ok, (col / row.clamp_min(1e-300)).sqrt(), torch.ones_like(col))
+    b = b * t.unsqueeze(-1)
+    values = values / t[index]
     if sparse_codes:
         a = (index, values.to(x.dtype))
     else:
