@@ -8,7 +8,7 @@ nonzero values and the support bitmask, in float32 units).  Reported: the mean c
 the compressed embeddings to the original ones, nearest-neighbour agreement, the mean
 calibration output error of the layers, and the fitting time.
 
-    python benchmarks/compress_dict_minilm.py     # writes benchmarks/compress_dict_minilm.{json,md,png}
+    python benchmarks/compress_dict_minilm.py  # -> benchmarks/compress_dict_minilm.{json,md,png}
     python benchmarks/compress_dict_minilm.py --quick
 """
 

@@ -175,20 +175,13 @@ def _adaptable(mod: nn.Module) -> bool:
 
 
 def _adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    from lorank.compress.core import _matches
+    from lorank.compress.core import _selected
 
     inside = {n for n, m in model.named_modules() if isinstance(m, AdaptedLinear | LowRankLinear
                                                                 | SparseDictionaryLinear)}
-    out = []
-    for name, mod in model.named_modules():
-        if not _adaptable(mod) or any(name.startswith(p + ".") for p in inside):
-            continue
-        if config.target_modules is not None and not _matches(name, config.target_modules):
-            continue
-        if _matches(name, config.exclude_modules):
-            continue
-        out.append(name)
-    return out
+    return [name for name, mod in model.named_modules()
+            if _adaptable(mod) and not any(name.startswith(p + ".") for p in inside)
+            and _selected(name, config.target_modules, config.exclude_modules)]
 
 
 def attach_adapters(model: nn.Module, config: AdapterConfig | None = None, *,
@@ -289,18 +282,11 @@ def load_adapters(model: nn.Module, path: str | Path, *, inplace: bool = False) 
     return model
 
 
-def heal(
-    model: nn.Module,
-    data: Iterable,
-    loss_fn: Callable[[object, object], torch.Tensor],
-    *,
-    steps: int,
-    lr: float = 1e-3,
-    **finetune_kwargs,
-) -> list[float]:
+def heal(model: nn.Module, data: Iterable, loss_fn: Callable[[object, object], torch.Tensor],
+         **finetune_kwargs) -> list[float]:
     """Fine-tune only the adapters of ``model`` (every other parameter frozen during the
-    run, its ``requires_grad`` restored afterwards) with :func:`lorank.compress.finetune`;
-    returns the step losses."""
+    run, its ``requires_grad`` restored afterwards) with :func:`lorank.compress.finetune`
+    (``steps`` required; ``lr`` etc. as there); returns the step losses."""
     from lorank.compress.finetune import finetune
 
     params = adapter_parameters(model)
@@ -311,8 +297,7 @@ def heal(
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
-        return finetune(model, data, loss_fn, steps=steps, lr=lr, params=params,
-                        **finetune_kwargs)
+        return finetune(model, data, loss_fn, params=params, **finetune_kwargs)
     finally:
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])

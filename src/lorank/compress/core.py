@@ -133,6 +133,13 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _selected(name: str, target_modules, exclude_modules) -> bool:
+    """Whether ``name`` passes ``target_modules`` (None: all) and not ``exclude_modules``."""
+    if target_modules is not None and not _matches(name, target_modules):
+        return False
+    return not _matches(name, exclude_modules)
+
+
 def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
     """The modules ``config`` selects, in ``named_modules`` order."""
     types = config.layer_types or ("linear", "embedding", "lstm", "gru")
@@ -144,9 +151,7 @@ def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
         t = _Target(name, kind, mod)
         if t.layer_type not in types:
             continue
-        if config.target_modules is not None and not _matches(name, config.target_modules):
-            continue
-        if _matches(name, config.exclude_modules):
+        if not _selected(name, config.target_modules, config.exclude_modules):
             continue
         out.append(t)
     return out

@@ -245,19 +245,14 @@ class _StraightThrough(nn.Module):
         return mod
 
 
-def straight_through_finetune(
-    model: nn.Module,
-    data: Iterable,
-    loss_fn: Callable[[object, object], torch.Tensor],
-    *,
-    steps: int,
-    lr: float = 1e-3,
-    **finetune_kwargs,
-) -> list[float]:
+def straight_through_finetune(model: nn.Module, data: Iterable,
+                              loss_fn: Callable[[object, object], torch.Tensor],
+                              **finetune_kwargs) -> list[float]:
     """DSFormer's straight-through factorizer, reduced: fine-tune ``model`` on the task loss
     with every N:M :class:`SparseDictionaryLinear` trained as dense codes masked to N:M by
     magnitude in each forward pass (straight-through gradient), then re-sparsified; in place.
-    Other arguments as :func:`lorank.compress.finetune`.  Returns the step losses."""
+    Other arguments (``steps`` required, ``lr``, ...) as :func:`lorank.compress.finetune`.
+    Returns the step losses."""
     from lorank.compress.core import _set_module
     from lorank.compress.finetune import finetune
 
@@ -269,7 +264,7 @@ def straight_through_finetune(
     for n in names:
         model = _set_module(model, n, _StraightThrough(model.get_submodule(n)))
     try:
-        return finetune(model, data, loss_fn, steps=steps, lr=lr, **finetune_kwargs)
+        return finetune(model, data, loss_fn, **finetune_kwargs)
     finally:
         for n in names:
             _set_module(model, n, model.get_submodule(n).freeze())

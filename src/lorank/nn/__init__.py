@@ -8,7 +8,6 @@
 """
 
 from lorank.nn.attention import LowRankMultiHeadAttention
-
 from lorank.nn.emissions import Bernoulli88Emission, EmissionHead, SoftmaxEmission
 from lorank.nn.hmm import MODELS, HMMLanguageModel, NeuralHMM
 
