@@ -155,3 +155,23 @@ def test_no_matching_layer_is_an_error():
         attach_adapters(Net(), target_modules=["nothing"])
     with pytest.raises(ValueError, match="no adapters"):
         heal(Net(), [], lambda o, b: o.sum(), steps=1)
+
+
+def test_merge_into_a_shared_dictionary_member_keeps_save_load_exact(gen, tmp_path):
+    from lorank.compress import load_compressed, save_compressed
+
+    model = Net().eval()
+    x = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    dic, _ = compress(model, method="cospadi", param_reduction=0.3, calibration=[x],
+                      share_dictionary=r"(?:b|c)", measure_latency=False)
+    assert dic.b.atoms is dic.c.atoms
+    ad = attach_adapters(dic, kind="lora", rank=2, target_modules=["b"])
+    with torch.no_grad():
+        ad.b.adapter_b.normal_(generator=gen)
+    y = ad(x)
+    merged = merge_adapters(ad)
+    assert merged.b.atoms is not merged.c.atoms and merged.b.n_atoms == dic.b.n_atoms + 2
+    assert torch.allclose(merged(x), y, atol=1e-10)
+    save_compressed(merged, tmp_path)
+    back = load_compressed(tmp_path, Net())
+    assert torch.equal(back(x), merged(x))

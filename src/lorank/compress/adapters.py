@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lorank._io import atomic_save_tensors
-from lorank.compress.dictionary import SparseDictionaryLinear
+from lorank.compress.dictionary import SparseDictionaryLinear, refresh_sharing
 from lorank.compress.modules import LowRankLinear, _dense_linear, is_hf_conv1d
 from lorank.linalg.wavelet import wavelet_matrices
 
@@ -225,6 +225,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
     for name, mod in _adapted(model):
         model = _set_module(model, name, mod.merged())
+    refresh_sharing(model)
     if hasattr(model, "adapter_config"):
         del model.adapter_config
     return model

@@ -187,6 +187,17 @@ def build_dictionary_module(spec: dict) -> SparseDictionaryLinear:
     return mod
 
 
+def refresh_sharing(model: nn.Module) -> None:
+    """Set every :class:`SparseDictionaryLinear`'s ``shared_from`` from the atoms parameters
+    it actually shares: the first holder (in ``named_modules`` order) owns them."""
+    owners: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseDictionaryLinear):
+            mod.shared_from = owners.setdefault(id(mod.atoms), name)
+            if mod.shared_from == name:
+                mod.shared_from = None
+
+
 def tie_shared_atoms(model: nn.Module) -> None:
     """Make every :class:`SparseDictionaryLinear` with ``shared_from`` use that module's atoms
     parameter (after loading, the copies hold equal values; this restores the sharing)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from lorank._io import atomic_save_tensors, atomic_write_json
 from lorank.compress.core import _set_module
-from lorank.compress.dictionary import SparseDictionaryLinear, tie_shared_atoms
+from lorank.compress.dictionary import SparseDictionaryLinear, refresh_sharing, tie_shared_atoms
 from lorank.compress.modules import (
     LowRankEmbedding,
     LowRankLinear,
@@ -37,6 +37,7 @@ REPORT = "compress_report.json"
 
 def compressed_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: structure dict}`` of every factorized module."""
+    refresh_sharing(model)
     return {name: mod.structure() for name, mod in model.named_modules()
             if isinstance(mod, LowRankLinear | LowRankEmbedding | LowRankRNN
                           | SparseDictionaryLinear)}
