@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-steps", type=int, default=100)
     ap.add_argument("--adapter-rank", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=12000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads for training the LM")
     ap.add_argument("--out", default=str(HERE / "compress_dict_lstm"))
     args = ap.parse_args(argv)
     emb = hidden = 200
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     train(model, train_streams, 35, args.train_steps, lr=2e-3)
     tune_data = random_windows(train_streams, 35, args.tune_steps, seed=1)
     calib = random_windows(train_streams, 35, 4, seed=2)
+    # the rest runs single-threaded: OMP's many small products only stall on a second
+    # thread of a busy 2-core machine
+    torch.set_num_threads(1)
     base_ppl = perplexity(model, test_streams, 35)
     print(f"original: test ppl {base_ppl:.1f}", flush=True)
 
@@ -151,7 +154,8 @@ def to_markdown(res: dict) -> str:
     lines = [
         f"2-layer LSTM LM (emb {res['emb']}, hidden {res['hidden']}, vocab {res['vocab']}) "
         f"trained {res['train_steps']} steps; test perplexity {res['ppl']:.1f} on "
-        f"{res['eval_tokens']:,} test tokens.  Compressed: the output layer "
+        f"{res['eval_tokens']:,} test tokens ({res['threads']} threads for training, 1 after).  "
+        f"Compressed: the output layer "
         f"({res['out_weights']:,} weights) only.",
         "",
         "| f | method | storage removed | rank / atoms | layer output err | test ppl | "
