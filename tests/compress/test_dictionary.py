@@ -149,6 +149,27 @@ def test_forward_is_dense_times_sparse_and_trains(gen, monkeypatch):
     assert torch.allclose(dense(x), cm(x), atol=1e-12)
 
 
+def test_sparse_forward_gradcheck(gen):
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    for i in range(5):
+        mask[i, torch.randperm(6, generator=gen)[:3]] = True
+    ar = torch.arange(6).expand(5, 6)
+    mod = SparseDictionaryLinear.from_codes(
+        ar[mask].view(5, 3), torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(6, 4, generator=gen, dtype=torch.float64),
+        torch.randn(5, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(mod(x), x @ mod.dense_weight().mT + mod.bias, atol=1e-12)
+
+    params = (mod.values, mod.atoms)
+    assert torch.autograd.gradcheck(lambda x: mod(x), (x,))
+    y = mod(x)
+    grads = torch.autograd.grad(y.sum(), params)
+    dense = torch.autograd.grad((x @ (mod.codes_dense() @ mod.atoms).mT).sum(), params)
+    for g1, g2 in zip(grads, dense, strict=True):
+        assert torch.allclose(g1, g2, atol=1e-12)
+
+
 def test_save_load_round_trip_is_exact(gen, tmp_path):
     model = MLP().eval()
     cm, rep = compress(model, method="cospadi", param_reduction=0.4, calibration=_calib(gen),

@@ -58,7 +58,8 @@ class SparseDictionaryLinear(nn.Module):
     """``y = (x @ atoms^T) @ A^T + bias``: ``atoms`` (k x in, dense) and codes ``A``
     (out x k) with ``nnz`` nonzeros per row, stored as ``values`` (out x nnz, in increasing
     atom order) and ``support`` (a packed bitmask, out x ceil(k/8) uint8).  The second
-    product is a sparse x dense matmul; the dense W is never formed in ``forward``.
+    product is a sparse x dense one (``F.embedding_bag`` over each row's s atoms); neither
+    the dense codes nor W are formed in ``forward``.
 
     ``nm=(N, M)`` records DSFormer's N:M structure (N of every M consecutive atoms)."""
 
@@ -131,14 +132,6 @@ class SparseDictionaryLinear(nn.Module):
             self._index_key = key
         return self._index_cache
 
-    def codes_sparse(self) -> torch.Tensor:
-        """``A`` as a sparse COO tensor (out x k) whose values are ``self.values``."""
-        rows = torch.arange(self.out_features, device=self.values.device)
-        rows = rows.repeat_interleave(self.nnz)
-        return torch.sparse_coo_tensor(
-            torch.stack([rows, self.index().flatten()]), self.values.flatten(),
-            (self.out_features, self.n_atoms), is_coalesced=True, check_invariants=False)
-
     def codes_dense(self) -> torch.Tensor:
         """``A`` as a dense (out x k) tensor."""
         a = torch.zeros(self.out_features, self.n_atoms, dtype=self.values.dtype,
@@ -147,7 +140,11 @@ class SparseDictionaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.atoms).reshape(-1, self.n_atoms)
-        y = torch.sparse.mm(self.codes_sparse(), z.mT.to(self.values.dtype)).mT
+        # y^T[j] = sum_t values[j, t] z^T[index[j, t]]: a weighted bag of s rows of z^T per
+        # output, the sparse x dense product without a dense A (and far faster on CPU than
+        # torch.sparse.mm)
+        y = F.embedding_bag(self.index(), z.mT.contiguous(), per_sample_weights=self.values,
+                            mode="sum").mT
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
