@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import best_time, machine_description  # noqa: E402
+from _common import best_time, machine_description, write_outputs  # noqa: E402
 from compress_lstm import (  # noqa: E402
     LSTMLM,
     forward_fn,
@@ -151,9 +150,7 @@ def main(argv=None) -> int:
               "command": "python benchmarks/compress_dict_lstm.py" +
                          (" --quick" if args.quick else ""),
               "total_seconds": time.time() - t_start}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(result) + "\n")
-    print(to_markdown(result))
+    write_outputs(args.out, result, to_markdown(result))
     return 0
 
 

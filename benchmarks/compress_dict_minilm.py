@@ -15,7 +15,6 @@ calibration output error of the layers, and the fitting time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,17 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, write_outputs  # noqa: E402
 from compress_minilm import (  # noqa: E402
-    CALIB_WORKS,
-    SHAKESPEARE_TEST,
     embed,
     forward,
     latency_ms,
-    load_encoder,
-    make_batches,
     nn_agreement,
-    sentences_of,
+    prepare,
 )
 
 from lorank.compress import CompressConfig, compress  # noqa: E402
@@ -59,18 +54,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.time()
-    model = load_encoder()
-    calib_pool = [s for w in CALIB_WORKS for s in sentences_of(w)]
-    g = torch.Generator().manual_seed(0)
-    calib_sents = [calib_pool[i] for i in torch.randperm(len(calib_pool), generator=g)
-                   [:args.calib].tolist()]
-    eval_pool = [s for w in SHAKESPEARE_TEST for s in sentences_of(w)]
-    eval_sents = [eval_pool[i] for i in torch.randperm(len(eval_pool), generator=g)
-                  [:args.eval].tolist()]
-    calib = make_batches(model, calib_sents, 32)
-    evalb = make_batches(model, eval_sents, 64)
-    lat_batch = make_batches(model, eval_sents[:32], 32)[0]
-    ref = embed(model, evalb, len(eval_sents))
+    model, calib_sents, eval_sents, calib, evalb, lat_batch, ref = prepare(args.calib,
+                                                                           args.eval)
     print(f"{len(calib_sents)} calibration / {len(eval_sents)} held-out sentences", flush=True)
     rows = []
     for red in args.reductions:
@@ -105,10 +90,8 @@ def main(argv=None) -> int:
               "command": "python benchmarks/compress_dict_minilm.py" +
                          (" --quick" if args.quick else ""),
               "total_seconds": time.time() - t_start, "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(result) + "\n")
     plot(result, args.out + ".png")
-    print(to_markdown(result))
+    write_outputs(args.out, result, to_markdown(result))
     return 0
 
 

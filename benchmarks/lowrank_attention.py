@@ -17,7 +17,6 @@ seeds), and the time of a forward pass of the pooling layer alone on a batch.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import best_time, machine_description  # noqa: E402
+from _common import best_time, machine_description, write_outputs  # noqa: E402
 
 from lorank.data.text import EOS, UNK, Vocab, _clean_work, shakespeare_works, tokenize  # noqa: E402
 from lorank.nn import LowRankMultiHeadAttention  # noqa: E402
@@ -188,9 +187,7 @@ def main(argv=None) -> int:
               "command": "python benchmarks/lowrank_attention.py" +
                          (" --quick" if args.quick else ""),
               "total_seconds": time.time() - t_start, "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(result) + "\n")
-    print(to_markdown(result))
+    write_outputs(args.out, result, to_markdown(result))
     return 0
 
 
