@@ -71,3 +71,13 @@ def alternating_min_ms(
             fn()
             times[k].append(1000 * (time.perf_counter() - t0))
     return [min(t) for t in times]
+
+
+def write_outputs(prefix: str, result: dict, markdown: str) -> None:
+    """Write ``prefix.json`` (the result) and ``prefix.md`` (its table), print the table."""
+    import json
+    from pathlib import Path
+
+    Path(prefix + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(prefix + ".md").write_text(markdown + "\n")
+    print(markdown)

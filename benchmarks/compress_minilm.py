@@ -136,6 +136,32 @@ def latency_ms(models: list, batch, repeats: int) -> list[float]:
         return alternating_min_ms([lambda m=m: forward(m, batch) for m in models], repeats)
 
 
+def split_sentences(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """``n_calib`` random calibration sentences of the training plays ``CALIB_WORKS`` and
+    ``n_eval`` random held-out ones of the test plays (seeded, disjoint)."""
+    calib_pool = [s for w in CALIB_WORKS for s in sentences_of(w)]
+    g = torch.Generator().manual_seed(0)
+    calib_sents = [calib_pool[i] for i in torch.randperm(len(calib_pool), generator=g)
+                   [:n_calib].tolist()]
+    eval_pool = [s for w in SHAKESPEARE_TEST for s in sentences_of(w)]
+    eval_sents = [eval_pool[i] for i in torch.randperm(len(eval_pool), generator=g)
+                  [:n_eval].tolist()]
+    assert not set(calib_sents) & set(eval_sents)
+    return calib_sents, eval_sents
+
+
+def prepare(n_calib: int, n_eval: int):
+    """The encoder, the sentence split, calibration / evaluation batches, the latency batch
+    and the original embeddings of the evaluation sentences."""
+    model = load_encoder()
+    calib_sents, eval_sents = split_sentences(n_calib, n_eval)
+    calib = make_batches(model, calib_sents, 32)
+    evalb = make_batches(model, eval_sents, 64)
+    lat_batch = make_batches(model, eval_sents[:32], 32)[0]
+    ref = embed(model, evalb, len(eval_sents))
+    return model, calib_sents, eval_sents, calib, evalb, lat_batch, ref
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,19 +179,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t_start = time.time()
 
-    model = load_encoder()
-    calib_pool = [s for w in CALIB_WORKS for s in sentences_of(w)]
-    g = torch.Generator().manual_seed(0)
-    calib_sents = [calib_pool[i] for i in torch.randperm(len(calib_pool), generator=g)
-                   [:args.calib].tolist()]
-    eval_pool = [s for w in SHAKESPEARE_TEST for s in sentences_of(w)]
-    eval_sents = [eval_pool[i] for i in torch.randperm(len(eval_pool), generator=g)
-                  [:args.eval].tolist()]
-    assert not set(calib_sents) & set(eval_sents)
-    calib = make_batches(model, calib_sents, 32)
-    evalb = make_batches(model, eval_sents, 64)
-    lat_batch = make_batches(model, eval_sents[:32], 32)[0]
-    ref = embed(model, evalb, len(eval_sents))
+    model, calib_sents, eval_sents, calib, evalb, lat_batch, ref = prepare(args.calib,
+                                                                           args.eval)
     base_lat = latency_ms([model], lat_batch, 10)[0]
     n_linear = sum(m.weight.numel() for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and "pooler" not in n)

@@ -4,11 +4,22 @@
 ``nn.Embedding``, ``nn.LSTM``/``nn.GRU``, ``nn.Conv1d``/``nn.Conv2d`` (and Hugging Face
 attention / MLP projections, which are ``nn.Linear`` or ``Conv1D``) by factorized modules
 computed with plain, randomized, Fisher-weighted, activation-aware or whitened SVD, semi-NMF,
-or sparse plus low-rank.
+or sparse plus low-rank; linear layers can also become a dense dictionary times sparse codes
+(CoSpaDi, DSFormer).  Adapters (LoRA, WaRA) heal a compressed model.
 See ``docs/compress.md``.
 """
 
-from lorank.compress.config import DATA_AWARE, METHODS, CompressConfig
+from lorank.compress.adapters import (
+    AdaptedLinear,
+    AdapterConfig,
+    adapter_parameters,
+    attach_adapters,
+    heal,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
+from lorank.compress.config import DATA_AWARE, DICTIONARY_METHODS, METHODS, CompressConfig
 from lorank.compress.conv import ConvFactorization, LowRankConv, SparseLowRankConv
 from lorank.compress.core import (
     compress,
@@ -19,6 +30,7 @@ from lorank.compress.core import (
     merge,
     output_tensor,
 )
+from lorank.compress.dictionary import SparseDictionaryLinear, straight_through_finetune
 from lorank.compress.finetune import finetune
 from lorank.compress.hmm import (
     FixedLowRankTransition,
@@ -43,6 +55,17 @@ __all__ = [
     "CompressConfig",
     "METHODS",
     "DATA_AWARE",
+    "DICTIONARY_METHODS",
+    "SparseDictionaryLinear",
+    "straight_through_finetune",
+    "attach_adapters",
+    "heal",
+    "merge_adapters",
+    "save_adapters",
+    "load_adapters",
+    "adapter_parameters",
+    "AdapterConfig",
+    "AdaptedLinear",
     "CompressionReport",
     "LayerReport",
     "LowRankLinear",

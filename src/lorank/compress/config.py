@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
-METHODS = ("svd", "randomized_svd", "snmf", "fwsvd", "asvd", "whitened", "svd+sparse")
+METHODS = ("svd", "randomized_svd", "snmf", "fwsvd", "asvd", "whitened", "svd+sparse",
+           "cospadi", "dsformer")
 #: methods that need a calibration data loader
-DATA_AWARE = frozenset({"fwsvd", "asvd", "whitened"})
+DATA_AWARE = frozenset({"fwsvd", "asvd", "whitened", "cospadi"})
+#: dense dictionary x sparse codes (lorank.compress.dictionary); linear layers only
+DICTIONARY_METHODS = frozenset({"cospadi", "dsformer"})
 LAYER_TYPES = ("linear", "embedding", "lstm", "gru", "conv")
 CONV_DECOMPOSITIONS = ("channel", "spatial")
 RANK_MODES = ("rank", "param_reduction", "energy", "budget_reduction")
@@ -30,7 +34,9 @@ class CompressConfig:
 
     Method: one of ``svd``, ``randomized_svd``, ``snmf`` (semi-NMF, nonnegative right factor),
     ``fwsvd`` (Fisher-weighted; needs calibration data and a loss), ``asvd`` (activation
-    scaling), ``whitened`` (SVD-LLM), ``svd+sparse`` (``A B + S``).
+    scaling), ``whitened`` (SVD-LLM), ``svd+sparse`` (``A B + S``), ``cospadi`` (dense
+    dictionary x sparse codes fitted on calibration outputs) and ``dsformer`` (dictionary x
+    N:M codes); the last two factorize linear layers only, ``rank`` counts their atoms.
 
     Rank — set exactly one of:
 
@@ -83,6 +89,17 @@ class CompressConfig:
     #: calibration: collect input Gram matrices (for whitening and the output-error column)
     #: of matrices with at most this many input features
     max_gram_features: int = 8192
+    #: cospadi: candidate nonzeros-per-atom ratios s/k (the best calibration fit is kept)
+    dict_sparsity: tuple[float, ...] = (0.5,)
+    #: cospadi: also try the low-rank solution s = k (whitened SVD) at the same storage
+    dict_lowrank_fallback: bool = True
+    #: dsformer: N nonzeros in every M consecutive atoms
+    dict_nm: tuple[int, int] = (2, 4)
+    #: dictionary methods: alternating OMP / dictionary-update sweeps
+    dict_iters: int = 6
+    #: dictionary methods: regex over matrix names; matrices whose full match captures the
+    #: same groups share one dictionary (same input size; fitted on their pooled inputs)
+    share_dictionary: str | None = None
     seed: int = 0
     inplace: bool = False
     measure_latency: bool = True
@@ -131,6 +148,40 @@ class CompressConfig:
             raise ValueError(f"whiten_damp must be >= 0, got {self.whiten_damp!r}")
         if self.budget_candidates < 1:
             raise ValueError("budget_candidates must be >= 1")
+        if self.method in DICTIONARY_METHODS:
+            self._check_dictionary()
+
+    def _check_dictionary(self) -> None:
+        if self.rank_mode not in ("rank", "param_reduction"):
+            raise ValueError(f"method {self.method!r} takes rank (number of atoms) or "
+                             f"param_reduction, got {self.rank_mode}")
+        if self.layer_types is None:
+            self.layer_types = ("linear",)
+        elif self.layer_types != ("linear",):
+            raise ValueError(f"method {self.method!r} factorizes linear layers only: "
+                             f"layer_types must be ('linear',), got {self.layer_types!r}")
+        self.dict_sparsity = tuple(self.dict_sparsity)
+        if not self.dict_sparsity or any(
+                isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1
+                for r in self.dict_sparsity):
+            raise ValueError(f"dict_sparsity must be a non-empty tuple of ratios s/k in (0, 1], "
+                             f"got {self.dict_sparsity!r}")
+        self.dict_nm = tuple(self.dict_nm)
+        from lorank.linalg.dictionary import check_nm
+
+        try:
+            check_nm(self.dict_nm)
+        except ValueError as e:
+            raise ValueError(f"dict_nm: {e}") from None
+        if isinstance(self.dict_iters, bool) or not isinstance(self.dict_iters, int) or \
+                self.dict_iters < 0:
+            raise ValueError(f"dict_iters must be a nonnegative integer, got {self.dict_iters!r}")
+        if self.share_dictionary is not None:
+            try:
+                re.compile(self.share_dictionary)
+            except re.error as e:
+                raise ValueError(f"share_dictionary is not a valid regex "
+                                 f"({self.share_dictionary!r}): {e}") from None
 
     @property
     def rank_mode(self) -> str:
@@ -142,7 +193,7 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("layer_types", "rnn_matrices"):
+        for k in ("layer_types", "rnn_matrices", "dict_sparsity", "dict_nm"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorank import linalg
-from lorank.compress.config import LAYER_TYPES, CompressConfig
+from lorank.compress.config import DICTIONARY_METHODS, LAYER_TYPES, CompressConfig
 from lorank.compress.conv import (
     ConvFactorization,
     ConvSpec,
@@ -24,6 +24,7 @@ from lorank.compress.conv import (
     is_conv,
     record_input_sizes,
 )
+from lorank.compress.dictionary import SparseDictionaryLinear, dictionary_layers
 from lorank.compress.modules import (
     FACTORIZED_TYPES,
     LowRankEmbedding,
@@ -119,7 +120,7 @@ class _Target:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, LowRankLinear | LowRankEmbedding | LowRankConv):
+    if isinstance(module, LowRankLinear | LowRankEmbedding | LowRankConv | SparseDictionaryLinear):
         return None  # already factorized
     if isinstance(module, LowRankRNN):
         return "rnn"
@@ -144,6 +145,13 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _selected(name: str, target_modules, exclude_modules) -> bool:
+    """Whether ``name`` passes ``target_modules`` (None: all) and not ``exclude_modules``."""
+    if target_modules is not None and not _matches(name, target_modules):
+        return False
+    return not _matches(name, exclude_modules)
+
+
 def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
     """The modules ``config`` selects, in ``named_modules`` order."""
     types = config.layer_types or LAYER_TYPES
@@ -160,9 +168,7 @@ def find_targets(model: nn.Module, config: CompressConfig) -> list[_Target]:
         t = _Target(name, kind, mod)
         if t.layer_type not in types:
             continue
-        if config.target_modules is not None and not _matches(name, config.target_modules):
-            continue
-        if _matches(name, config.exclude_modules):
+        if not _selected(name, config.target_modules, config.exclude_modules):
             continue
         out.append(t)
     return out
@@ -754,6 +760,15 @@ def compress(
         if len(unused) == len(matrices):
             raise ValueError(f"{config.method}: no selected layer was reached by the "
                              f"calibration data through forward_fn")
+    if config.method in DICTIONARY_METHODS:
+        rows, modules = dictionary_layers(matrices, config, gen, notes_by_key, unused)
+        report = CompressionReport(method=config.method, rank_mode=config.rank_mode,
+                                   config=config.to_dict())
+        for t in targets:
+            if id(t) in modules:
+                model = _set_module(model, t.name, modules[id(t)])
+        return _finish(model, report, rows, bool(modules), config, params_before,
+                       latency_before, example_input, forward_fn, [])
     if config.rank_mode == "budget_reduction":
         live = [mx for mx in matrices if id(mx) not in unused]
         live_ranks = iter(_budget_ranks(model, live, config, calibration_list, forward_fn,
@@ -824,10 +839,18 @@ def compress(
             model = _set_module(model, t.name, _build_replacement(t, facs))
         elif t.kind == "rnn" and not t.module.factorized:
             model = _set_module(model, t.name, t.module.merge())
+    embedded = [t for t in targets if t.kind == "embedding" and id(t) in factors_by_target]
+    return _finish(model, report, rows, bool(factors_by_target), config, params_before,
+                   latency_before, example_input, forward_fn, embedded)
+
+
+def _finish(model, report, rows, any_factorized, config, params_before, latency_before,
+            example_input, forward_fn, embedded):
+    """Fill the report's totals, latency and notes; return ``(model, report)``."""
     report.layers = rows
     report.model_params_before = params_before
     report.model_params_after = count_parameters(model)
-    if not factors_by_target:
+    if not any_factorized:
         report.notes.append("no layer was factorized: every selected rank would not save "
                             "parameters")
     if config.measure_latency and example_input is not None:
@@ -836,7 +859,7 @@ def compress(
         report.latency_before_ms = latency_before
     elif config.measure_latency:
         report.notes.append("latency not measured: no example_input or calibration data")
-    if any(t.kind == "embedding" and id(t) in factors_by_target for t in targets):
+    if embedded:
         report.notes.append("a factorized embedding no longer shares its weight with a tied "
                             "output layer")
     return model, report
@@ -872,7 +895,7 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
     returns the model (a new object only if the model itself was factorized)."""
     wanted = None if names is None else set(names)
     found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, FACTORIZED_TYPES)
+             if isinstance(m, (*FACTORIZED_TYPES, SparseDictionaryLinear))
              and (wanted is None or n in wanted)]
     if wanted is not None:
         missing = wanted - {n for n, _ in found}

@@ -18,6 +18,7 @@ from torch import nn
 
 from lorank._io import atomic_save_tensors, atomic_write_json
 from lorank.compress.core import _set_module
+from lorank.compress.dictionary import refresh_sharing, tie_shared_atoms
 from lorank.compress.modules import build_module, is_structured
 from lorank.compress.report import CompressionReport
 
@@ -32,6 +33,7 @@ REPORT = "compress_report.json"
 
 def compressed_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: structure dict}`` of every factorized module."""
+    refresh_sharing(model)
     return {name: mod.structure() for name, mod in model.named_modules() if is_structured(mod)}
 
 
@@ -49,6 +51,7 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
         model = _set_module(model, name, new)
+    tie_shared_atoms(model)
     return model
 
 

@@ -20,7 +20,9 @@ class LayerReport:
     both from the modules (:func:`lorank.compress.conv.conv_costs`), FLOPs per example at the
     input size seen by ``example_input`` (per output position when none was given).
     ``weight_error`` is ``||W - W'||_F / ||W||_F``; ``output_error`` is
-    ``||(W - W') X^T||_F / ||W X^T||_F`` over the calibration inputs X (when collected)."""
+    ``||(W - W') X^T||_F / ||W X^T||_F`` over the calibration inputs X (when collected).
+    Dictionary layers (CoSpaDi, DSFormer) count ``params_after`` as their ``storage_bytes`` in
+    values of the layer's dtype (rounded up)."""
 
     name: str
     kind: str
@@ -35,6 +37,9 @@ class LayerReport:
     output_error: float | None = None
     blocks: int = 1
     note: str = ""
+    #: bytes of the stored factors when they are not all dense values of the layer's dtype
+    #: (dictionary layers: dictionary + nonzero values + support bitmask)
+    storage_bytes: int | None = None
 
 
 @dataclass

@@ -7,6 +7,13 @@ maps inputs to rank space.  Work is done in float64 on CPU; results come back in
 dtype.
 """
 
+from lorank.linalg.dictionary import (
+    check_nm,
+    dictionary_bytes,
+    omp,
+    sparse_dictionary,
+    support_bytes,
+)
 from lorank.linalg.nmf import kl_divergence, nmf, semi_nmf, semi_nmf_objective
 from lorank.linalg.rank import (
     RankCandidate,
@@ -55,4 +62,9 @@ __all__ = [
     "tail_energy",
     "RankCandidate",
     "allocate_ranks",
+    "sparse_dictionary",
+    "omp",
+    "dictionary_bytes",
+    "support_bytes",
+    "check_nm",
 ]
