@@ -18,16 +18,15 @@ from lorank.train.distributed import DistContext
 from lorank.train.metrics import markdown_table
 from lorank.train.trainer import TrainConfig, Trainer
 
-#: the main job (``lorank train`` with no --model): the dense HMM and the LHMM (R = Z/4) on the
-#: same corpus and about the same training time: on CPU an LHMM step costs about 2/3 of a dense
-#: one, so the LHMM gets 3 epochs to the dense HMM's 2 (on Shakespeare an epoch is 203 steps of
-#: <= 4096 tokens); the report also gives the LHMM's perplexity after the dense HMM's steps
+#: the main job (``lorank train`` with no --model): the dense HMM and the LHMM (R = Z/4), each
+#: with the learning rate that gave it the best validation perplexity in this budget (2 epochs
+#: of 203 steps of <= 4096 tokens on Shakespeare; docs/results.md)
 MAIN_JOB_MODELS: dict[str, dict[str, dict[str, Any]]] = {
-    "hmm": {"model": dict(model="hmm", num_states=1024, hidden=128), "train": dict(epochs=2)},
-    "lhmm": {"model": dict(model="lhmm", num_states=1024, hidden=128), "train": dict(epochs=3)},
+    "hmm": {"model": dict(model="hmm", num_states=1024, hidden=128), "train": dict(lr=1e-2)},
+    "lhmm": {"model": dict(model="lhmm", num_states=1024, hidden=128), "train": dict(lr=5e-3)},
 }
-MAIN_JOB_TRAIN: dict[str, Any] = dict(out="runs/main", batch_size=1024, max_tokens=4096,
-                                      lr=1e-2, eval_every=50)
+MAIN_JOB_TRAIN: dict[str, Any] = dict(out="runs/main", epochs=2, batch_size=1024,
+                                      max_tokens=4096, eval_every=50)
 
 #: named settings for ``lorank train --recipe NAME`` (task lm), applied under the user's
 #: options; ``rank_divisor`` sets a low-rank model's rank to Z / divisor unless --rank is given
