@@ -38,7 +38,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(max_tokens=256, batch_size=256, lr=1e-3, clip=5.0, lr_factor=0.25,
                       patience=4, eval_per_epoch=4, epochs=30),
         "model": dict(num_states=16384, hidden=256, transition="embedding",
-                      state_dropout=0.1, feature_dropout=0.1, rank_divisor=16),
+                      low_rank_form="kernel", state_dropout=0.1, feature_dropout=0.1,
+                      rank_divisor=16),
     },
 }
 
