@@ -49,23 +49,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=10000)
     p.add_argument("--dense", default="256,512,1024,2048", help="dense HMM state counts")
     p.add_argument("--lhmm", default="1024,2048,4096,8192", help="LHMM state counts")
-    p.add_argument("--rank-divisors", default="16,8,4", help="LHMM ranks Z/d for these d")
+    p.add_argument("--rank-divisors", default="8,4", help="LHMM ranks Z/d for these d")
     p.add_argument("--convert", default="1024", help="dense HMM sizes to convert (empty: none)")
     p.add_argument("--convert-divisors", default="8,4", help="conversion ranks Z/d")
-    p.add_argument("--budget", type=float, default=240.0,
+    p.add_argument("--budget", type=float, default=150.0,
                    help="training seconds per model (evaluation excluded)")
     p.add_argument("--finetune-budget", type=float, default=None,
                    help="training seconds of a converted model's fine-tuning (default budget/4)")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--transition", default="embedding", help="LHMM transition network")
+    p.add_argument("--transition", default="mlp", help="LHMM transition network")
     p.add_argument("--dense-transition", default="mlp", help="dense HMM transition network")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--low-rank-form", default="mixture", help="LHMM form: mixture or kernel")
+    p.add_argument("--lr", type=float, default=5e-3, help="LHMM learning rate")
+    p.add_argument("--dense-lr", type=float, default=1e-2, help="dense HMM learning rate")
     p.add_argument("--state-dropout", type=float, default=0.0)
     p.add_argument("--feature-dropout", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timing-reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/frontier", help="run directories")
@@ -96,7 +98,8 @@ def grid(args) -> list[tuple[str, dict]]:
     for z in ints(args.lhmm):
         for d in ints(args.rank_divisors):
             out.append((f"lhmm_Z{z}_R{z // d}", dict(model="lhmm", num_states=z, rank=z // d,
-                                                      transition=args.transition)))
+                                                      transition=args.transition,
+                                                      low_rank_form=args.low_rank_form)))
     return out
 
 
@@ -109,9 +112,10 @@ def make_task(args, corpus, fields: dict) -> LMTask:
     return task
 
 
-def train_config(args, key: str, budget: float) -> TrainConfig:
+def train_config(args, key: str, budget: float, lr: float | None = None) -> TrainConfig:
     return TrainConfig(out=str(Path(args.out) / key), epochs=10_000, max_seconds=budget,
-                       batch_size=args.batch_size, max_tokens=args.max_tokens, lr=args.lr,
+                       batch_size=args.batch_size, max_tokens=args.max_tokens,
+                       lr=args.lr if lr is None else lr,
                        eval_every=args.eval_every, eval_test=False, seed=args.seed,
                        overwrite=True, progress=False, threads=args.threads)
 
@@ -245,7 +249,8 @@ def main(argv=None) -> int:
         store = json.loads(Path(args.json).read_text())
     store["machine"] = machine_description()
     store["title"] = (f"{args.corpus}: {len(corpus.vocab)} words, {corpus.train.numel():,} "
-                      f"training tokens; {args.budget:g} s of training per model "
+                      f"training tokens; {args.budget:g} s of training per model (dense lr "
+                      f"{args.dense_lr:g}, LHMM lr {args.lr:g}, {args.low_rank_form} form) "
                       f"({args.threads} threads); {store['machine']}")
     store["args"] = vars(args)
     t_all = time.perf_counter()
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
         if args.resume and key in store["models"]:
             continue
         task = make_task(args, corpus, fields)
-        metrics, model = fit(task, train_config(args, key, args.budget))
+        lr = args.dense_lr if fields["model"] == "hmm" else args.lr
+        metrics, model = fit(task, train_config(args, key, args.budget, lr))
         store["models"][key] = record(key, "train", task, metrics, model, args)
         atomic_write_json(args.json, store)
         r = store["models"][key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,14 +66,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="variant names to run")
     p.add_argument("--out", default="runs/lhmm_variants")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table of the stored JSON (no training)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = load_corpus("shakespeare", 10000)
     prefix = HERE / f"lhmm_variants_Z{args.states}"
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
+    if args.report:
+        results = json.loads(prefix.with_suffix(".json").read_text())
     for name, (fields, train) in VARIANTS.items():
-        if args.only and name not in args.only:
+        if args.report or (args.only and name not in args.only):
             continue
         fields = dict(fields)
         divisor = fields.pop("rank_divisor", 4)
@@ -95,15 +100,15 @@ def main(argv=None) -> int:
         print(f"{name}: val ppl {m['val_ppl']:.1f}", flush=True)
         atomic_write_json(prefix.with_suffix(".json"), results)
     dense = results.get("dense", {}).get("val_ppl")
-    rows = [[name, r["rank"], r["lr"], r["val_ppl"],
+    rows = [[name, r["rank"], f"{r['lr']:g}", r["val_ppl"],
              None if dense is None else f"{100 * (r['val_ppl'] / dense - 1):+.1f}%",
              " ".join(f"{v:.0f}" for _, v in r["curve"]), r["tokens_per_s"]]
             for name, r in results.items()]
     table = markdown_table(["variant", "rank", "lr", "val ppl", "vs dense", "val ppl curve",
                             "train tokens/s"], rows)
+    took = "" if args.report else f"; {time.perf_counter() - t_all:.0f} s in all"
     text = (f"Shakespeare, Z = {args.states}, hidden {args.hidden}, {args.epochs} epoch(s) of "
-            f"batches of <= 4096 tokens, seed 0; {time.perf_counter() - t_all:.0f} s in all; "
-            f"{machine_description()}\n\n{table}\n")
+            f"batches of <= 4096 tokens, seed 0{took}; {machine_description()}\n\n{table}\n")
     print("\n" + text)
     atomic_write_bytes(prefix.with_suffix(".md"), text.encode())
     return 0
