@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorank.compress._hooks import hooked_eval
 from lorank.compress.config import CONV_DECOMPOSITIONS as DECOMPOSITIONS
 
 __all__ = [
@@ -446,14 +447,7 @@ def record_input_sizes(model: nn.Module, modules: dict[str, nn.Module], batch: o
         def pre(m, args, name=name, dim=dim):
             sizes.setdefault(name, tuple(args[0].shape[-dim:]))
         hooks.append(mod.register_forward_pre_hook(pre))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward_fn(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    with hooked_eval(model, hooks), torch.no_grad():
+        forward_fn(model, batch)
     return sizes
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lorank import linalg
+from lorank.compress._hooks import hooked_eval
 from lorank.compress.config import DICTIONARY_METHODS, LAYER_TYPES, CompressConfig
 from lorank.compress.conv import (
     ConvFactorization,
@@ -296,6 +298,15 @@ def _matrices(targets: list[_Target], config: CompressConfig) -> list[_Matrix]:
     return out
 
 
+def _restore_after_calibration(model: nn.Module, matrices: list, flags: dict) -> None:
+    """Undo the calibration set-up: RNN statistics hooks off, ``requires_grad`` restored."""
+    for mx in matrices:
+        if mx.target.kind == "rnn":
+            mx.target.module.stats_hook = None
+    for p in model.parameters():
+        p.requires_grad_(flags.get(id(p), True))
+
+
 def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, need_fisher):
     """Run the calibration batches once, recording input statistics of every matrix (and,
     for FWSVD, squared gradients of the loss)."""
@@ -326,10 +337,10 @@ def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, ne
             t.module.stats_hook = hook
     params = [mx.param() for mx in matrices]
     saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
     n_batches = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hooked_eval(model, hooks))
+        stack.callback(_restore_after_calibration, model, matrices, saved_flags)
         if need_fisher:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -354,15 +365,6 @@ def _collect_stats(model, matrices, calibration, forward_fn, config, loss_fn, ne
             else:
                 with torch.no_grad():
                     forward_fn(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        for mx in matrices:
-            if mx.target.kind == "rnn":
-                mx.target.module.stats_hook = None
-        for p in model.parameters():
-            p.requires_grad_(saved_flags.get(id(p), True))
-        model.train(was_training)
     if n_batches == 0:
         raise ValueError("the calibration data yielded no batch")
 

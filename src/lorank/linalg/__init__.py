@@ -7,64 +7,17 @@ maps inputs to rank space.  Work is done in float64 on CPU; results come back in
 dtype.
 """
 
-from lorank.linalg.dictionary import (
-    check_nm,
-    dictionary_bytes,
-    omp,
-    sparse_dictionary,
-    support_bytes,
-)
-from lorank.linalg.nmf import kl_divergence, nmf, semi_nmf, semi_nmf_objective
-from lorank.linalg.rank import (
-    RankCandidate,
-    allocate_ranks,
-    lowrank_params,
-    max_useful_rank,
-    rank_for_energy,
-    rank_for_param_reduction,
-    saves_parameters,
-    tail_energy,
-)
-from lorank.linalg.sparse import nnz_for_density, sparse_plus_low_rank
-from lorank.linalg.svd import (
-    activation_aware_svd,
-    fisher_row_weights,
-    fisher_weighted_svd,
-    randomized_svd,
-    scaled_svd,
-    svd_spectrum,
-    truncated_svd,
-    whitened_svd,
-    whitening_factor,
-)
+from lorank.linalg import dictionary as _dictionary
+from lorank.linalg import nmf as _nmf
+from lorank.linalg import rank as _rank
+from lorank.linalg import sparse as _sparse
+from lorank.linalg import svd as _svd
+from lorank.linalg.dictionary import *  # noqa: F403
+from lorank.linalg.nmf import *  # noqa: F403
+from lorank.linalg.rank import *  # noqa: F403
+from lorank.linalg.sparse import *  # noqa: F403
+from lorank.linalg.svd import *  # noqa: F403
 
-__all__ = [
-    "truncated_svd",
-    "randomized_svd",
-    "scaled_svd",
-    "fisher_weighted_svd",
-    "fisher_row_weights",
-    "activation_aware_svd",
-    "whitened_svd",
-    "whitening_factor",
-    "svd_spectrum",
-    "semi_nmf",
-    "semi_nmf_objective",
-    "nmf",
-    "kl_divergence",
-    "sparse_plus_low_rank",
-    "nnz_for_density",
-    "lowrank_params",
-    "max_useful_rank",
-    "saves_parameters",
-    "rank_for_param_reduction",
-    "rank_for_energy",
-    "tail_energy",
-    "RankCandidate",
-    "allocate_ranks",
-    "sparse_dictionary",
-    "omp",
-    "dictionary_bytes",
-    "support_bytes",
-    "check_nm",
-]
+#: every public name of the submodules (wavelet transforms live in lorank.linalg.wavelet)
+__all__ = [*_svd.__all__, *_nmf.__all__, *_sparse.__all__, *_rank.__all__,
+           *_dictionary.__all__]
