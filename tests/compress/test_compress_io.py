@@ -361,3 +361,34 @@ def test_cli_on_a_lorank_hmm_checkpoint(tmp_path, gen, capsys):
     assert main(["compress", str(run), "-o", str(run), "--rank", "3"]) == 2
     assert "overwrite the trained model" in capsys.readouterr().err
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_compress_options_land_in_their_config_fields():
+    """Every `lorank compress` option that configures compression is checked against the
+    CompressConfig field it sets (the two must not drift apart)."""
+    import argparse
+
+    from lorank.cli.compress import _config_from_args, _configure
+
+    parser = _configure(argparse.ArgumentParser())
+    args = parser.parse_args([
+        "m", "-o", "o", "--method", "cospadi", "--rank", "5", "--target-regex", "a.*",
+        "--exclude", "b", "--layer-types", "linear", "--rnn-matrices", "hh",
+        "--rnn-granularity", "per_gate", "--conv-decomposition", "spatial",
+        "--sparse-density", "0.2", "--seed", "3", "--no-latency", "--dict-sparsity", "0.25",
+        "0.5", "--dict-nm", "1", "4", "--dict-iters", "2", "--no-lowrank-fallback",
+        "--share-dictionary", "x(.*)"])
+    c = _config_from_args(args)
+    want = dict(method="cospadi", rank=5, target_modules="a.*", exclude_modules=["b"],
+                layer_types=("linear",), rnn_matrices=("hh",), rnn_granularity="per_gate",
+                conv_decomposition="spatial", sparse_density=0.2, seed=3,
+                measure_latency=False, dict_sparsity=(0.25, 0.5), dict_nm=(1, 4),
+                dict_iters=2, dict_lowrank_fallback=False, share_dictionary="x(.*)")
+    for field, value in want.items():
+        assert getattr(c, field) == value, field
+    # the options' defaults are the config's defaults
+    default = _config_from_args(parser.parse_args(["m", "-o", "o", "--rank", "2"]))
+    for field in ("method", "rnn_matrices", "rnn_granularity", "conv_decomposition",
+                  "sparse_density", "seed", "dict_sparsity", "dict_nm", "dict_iters",
+                  "dict_lowrank_fallback", "share_dictionary"):
+        assert getattr(default, field) == getattr(CompressConfig(rank=2), field), field

@@ -75,7 +75,18 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration line")
     p.add_argument("--auto-class", default="AutoModel",
                    help="transformers auto class used to load the model (default AutoModel)")
-    p.add_argument("--sparse-density", type=float, default=0.01)
+    p.add_argument("--sparse-density", type=float, default=0.01,
+                   help="svd+sparse: fraction of the entries kept in S")
+    p.add_argument("--dict-sparsity", type=float, nargs="+", default=[0.5],
+                   help="cospadi: candidate nonzeros-per-atom ratios s/k")
+    p.add_argument("--dict-nm", type=int, nargs=2, default=[2, 4], metavar=("N", "M"),
+                   help="dsformer: N nonzeros in every M consecutive atoms")
+    p.add_argument("--dict-iters", type=int, default=6, help="dictionary update sweeps")
+    p.add_argument("--no-lowrank-fallback", action="store_true",
+                   help="cospadi: do not also try the low-rank solution at the same storage")
+    p.add_argument("--share-dictionary", default=None,
+                   help="regex over layer names: layers whose match captures the same groups "
+                        "share one dictionary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -102,6 +113,9 @@ def _config_from_args(args) -> CompressConfig:
         rnn_matrices=tuple(args.rnn_matrices), rnn_granularity=args.rnn_granularity,
         conv_decomposition=args.conv_decomposition,
         sparse_density=args.sparse_density, seed=args.seed,
+        dict_sparsity=tuple(args.dict_sparsity), dict_nm=tuple(args.dict_nm),
+        dict_iters=args.dict_iters, dict_lowrank_fallback=not args.no_lowrank_fallback,
+        share_dictionary=args.share_dictionary,
         measure_latency=not args.no_latency, inplace=True,
     )
 
