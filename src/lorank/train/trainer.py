@@ -328,15 +328,8 @@ class Trainer:
             sync = m == len(micro) - 1 or not d.distributed
             ctx = contextlib.nullcontext() if sync else self.module.no_sync()
             with ctx:
-                try:
+                with self._divergence_hint():
                     nll = self.module(batch, gen)
-                except ValueError as e:  # non-finite parameters fail the input checks
-                    if "NaN" not in str(e) and "inf" not in str(e):
-                        raise
-                    raise FloatingPointError(
-                        f"training diverged at step {st.step}: {e}; the parameters are no "
-                        f"longer finite: lower --lr (now {cfg.lr:g}) or raise --clip"
-                    ) from e
                 if not torch.isfinite(nll):
                     raise FloatingPointError(
                         f"non-finite training loss {float(nll)} at step {st.step} (micro-batch "
@@ -348,6 +341,20 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return local_nll, total
+
+    @contextlib.contextmanager
+    def _divergence_hint(self):
+        """Turn the input checks' complaint about non-finite model outputs (parameters that
+        training made NaN/inf) into a FloatingPointError that says what to change."""
+        try:
+            yield
+        except ValueError as e:
+            if "NaN" not in str(e) and "inf" not in str(e):
+                raise
+            raise FloatingPointError(
+                f"training diverged at step {self.state.step}: {e}; the parameters are no longer "
+                f"finite: lower --lr (now {self.config.lr:g}) or raise --clip"
+            ) from e
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -489,7 +496,8 @@ class Trainer:
                                  "loss": f"{local_nll / max(units / d.world_size, 1):.3f}"})
                 if due:
                     t0 = time.perf_counter()
-                    val = self.evaluate("valid")
+                    with self._divergence_hint():
+                        val = self.evaluate("valid")
                     st.eval_seconds += time.perf_counter() - t0
                     self._after_eval(val, bar)
                 elif cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
