@@ -21,10 +21,27 @@ def check_instance(name: str, value: object, cls: type, expected: str) -> None:
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
+#: dtypes the dynamic programs accept: sums of products over many steps need their range and
+#: precision (bfloat16 gave an HMM entropy of 57.75 instead of 138.85)
+PRECISE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_precision(name: str, t: torch.Tensor) -> None:
+    """Raise a TypeError naming the argument unless ``t`` is float32 or float64."""
+    if t.is_floating_point() and t.dtype not in PRECISE_DTYPES:
+        raise TypeError(
+            f"{name} (shape {tuple(t.shape)}) has dtype {t.dtype}: lorank's dynamic programs "
+            f"compute in float32 or float64 (half precision is too coarse for products over "
+            f"many steps); pass {name}.float()"
+        )
+
+
 def check_alike(**tensors: torch.Tensor) -> None:
-    """Raise a TypeError naming the arguments unless all tensors share one dtype and device."""
+    """Raise a TypeError naming the arguments unless all tensors share one dtype and device,
+    float32 or float64."""
     items = list(tensors.items())
     name0, ref = items[0]
+    check_precision(name0, ref)
     for name, t in items[1:]:
         for what in ("dtype", "device"):
             a, b = getattr(ref, what), getattr(t, what)
