@@ -311,3 +311,12 @@ def test_all_neg_inf_init_row_is_rejected():
 def test_segments_have_exclusive_ends():
     seg = Segmentation(torch.tensor([[2, 2, 0, -1]]), torch.tensor([[True, False, True, False]]))
     assert seg.segments(0) == [(0, 2, 2), (2, 3, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_naming_the_argument(dtype):
+    import lorank
+
+    with pytest.raises(TypeError, match=rf"has dtype {dtype}.*float32 or float64"):
+        lorank.HSMM(torch.randn(3, dtype=dtype), lorank.Dense(torch.randn(3, 3, dtype=dtype)),
+                    torch.randn(3, 2, dtype=dtype), torch.randn(1, 4, 3, dtype=dtype))

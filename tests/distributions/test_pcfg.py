@@ -340,3 +340,10 @@ def test_impossible_sentences_give_no_nan_gradients(layout, monkeypatch):
     for g in grads:
         assert not torch.isnan(g).any()
     assert (grads[1][1] == 0).all()  # nothing flows from an impossible sentence
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_naming_the_argument(dtype):
+    root, rules = torch.randn(4, dtype=dtype), DenseRules(torch.randn(2, 4, 4, dtype=dtype))
+    with pytest.raises(TypeError, match=rf"has dtype {dtype}.*float32 or float64"):
+        _ = PCFG(root, rules, torch.randn(1, 3, 2, dtype=dtype)).log_partition
