@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,23 @@ from lorank._numerics import finite_or_zero
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ProbTerms(NamedTuple):
+    """A row-stochastic ``P`` as a sum of terms that the chain kernel multiplies directly.
+
+    ``P = sum_k (M_k1 @ M_k2 @ ...) + sum_b band_b``: ``chains`` lists the matrix products
+    (Dense: ``[[P]]``, LowRank: ``[[A, C^T]]``), each matrix (n_in, n_out) or batched
+    (B, n_in, n_out); ``bands`` lists ``(probs, width)`` with probs (*batch, Z, 2*width+1) the
+    band entries ``P[i, i + k - width]`` (0 where that column falls outside [0, Z)).
+    """
+
+    chains: list[list[torch.Tensor]]
+    bands: list[tuple[torch.Tensor, int]]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the terms, chains first (the order the chain kernel takes them)."""
+        return [m for c in self.chains for m in c] + [p for p, _ in self.bands]
 
 
 def _bmv(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -70,6 +88,20 @@ class Factor:
         """Log-space version of :meth:`_prob_operator`."""
         raise NotImplementedError
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        """:meth:`log_normalizer`, leaving in ``memo`` what :meth:`_prob_terms` can reuse."""
+        return self.log_normalizer()
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+        """``P`` as :class:`ProbTerms` with the (finite) row normalizer ``log_norm``; None if
+        the factor has no such form (then the chain uses :meth:`prob_operator`)."""
+        return None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that define the factor (to ask whether any requires grad); [] for a
+        factor that does not say."""
+        return []
+
     def _log_unnorm_dense(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -103,7 +135,22 @@ class Factor:
     def prob_matrices(self) -> list[torch.Tensor] | None:
         """``[M_1, ..., M_k]`` with ``P = M_1 @ ... @ M_k`` (Dense: ``[P]``, LowRank:
         ``[A, C^T]``), each (Z_in, Z_out) or batched; None if the factor is not such a chain."""
-        return None
+        terms = self.prob_terms()
+        if terms is None or terms.bands or len(terms.chains) != 1:
+            return None
+        return terms.chains[0]
+
+    def prob_terms(self) -> ProbTerms | None:
+        """``P`` as a sum of matrix chains and bands (:class:`ProbTerms`); None for factors
+        without such a form."""
+        return self.normalize()[1]
+
+    def normalize(self) -> tuple[torch.Tensor, ProbTerms | None]:
+        """``(log_normalizer(), prob_terms())`` with every shared piece computed once (for
+        ``LowRank`` the column log-sums and ``left + s``, as a bare implementation would)."""
+        memo: dict = {}
+        log_norm = self._log_normalizer(memo)
+        return log_norm, self._prob_terms(finite_or_zero(log_norm), memo)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
@@ -174,8 +221,11 @@ class Dense(Factor):
         p = (self.logits - log_norm.unsqueeze(-1)).exp()
         return lambda x: _bmv(x, p)
 
-    def prob_matrices(self) -> list[torch.Tensor]:
-        return [self.to_dense()]
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        return ProbTerms([[(self.logits - log_norm.unsqueeze(-1)).exp()]], [])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.logits]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         lp = self.logits - log_norm.unsqueeze(-1)
@@ -245,19 +295,31 @@ class LowRank(Factor):
         """``s[r] = log sum_j exp(right[j, r])``: (*batch, R)."""
         return safe_logsumexp(self.right, dim=-2)
 
-    def log_normalizer(self) -> torch.Tensor:
-        return safe_logsumexp(self.left + self._column_lse().unsqueeze(-2), dim=-1)
+    def _parts(self, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, left + s)``, computed once per ``memo``."""
+        key = ("lowrank", id(self))
+        if key not in memo:
+            s = self._column_lse()
+            memo[key] = (s, self.left + s.unsqueeze(-2))
+        return memo[key]
 
-    def stochastic_factors(self, log_norm: torch.Tensor | None = None):
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        return safe_logsumexp(self._parts(memo)[1], dim=-1)
+
+    def log_normalizer(self) -> torch.Tensor:
+        return self._log_normalizer({})
+
+    def stochastic_factors(self, log_norm: torch.Tensor | None = None, memo: dict | None = None):
         """``(A, C)`` with ``P = A @ C.mT``: A (Z, R) row-stochastic, C (Z, R) columns sum to 1.
 
         With a larger ``log_norm`` (a joint normalizer of a sum), A's rows sum to less than 1.
         """
-        s = self._column_lse()
+        memo = {} if memo is None else memo
+        s, ls = self._parts(memo)
         if log_norm is None:
-            log_norm = safe_logsumexp(self.left + s.unsqueeze(-2), dim=-1)
-        a = (self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)).exp()
-        c = (self.right - finite_or_zero(s).unsqueeze(-2)).exp()
+            log_norm = safe_logsumexp(ls, dim=-1)
+        a = (ls - log_norm.unsqueeze(-1)).exp_()  # in place on fresh temporaries
+        c = (self.right - finite_or_zero(s).unsqueeze(-2)).exp_()
         return a, c
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
@@ -265,9 +327,12 @@ class LowRank(Factor):
         ct = c.transpose(-1, -2)
         return lambda x: _bmv(_bmv(x, a), ct)
 
-    def prob_matrices(self) -> list[torch.Tensor]:
-        a, c = self.stochastic_factors()
-        return [a, c.transpose(-1, -2)]
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        a, c = self.stochastic_factors(log_norm, memo)
+        return ProbTerms([[a, c.transpose(-1, -2)]], [])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.left, self.right]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         s = self._column_lse()
@@ -357,6 +422,12 @@ class Banded(Factor):
         band = self._masked - log_norm.unsqueeze(-1)
         return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
 
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        return ProbTerms([], [((self._masked - log_norm.unsqueeze(-1)).exp(), self.width)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.logits]
+
     def _log_unnorm_dense(self) -> torch.Tensor:
         z, w = self.num_states, self.width
         out = self._masked.new_full((*self.batch_shape, z, z + 2 * w), -math.inf)
@@ -422,9 +493,12 @@ class Sum(Factor):
     def dtype(self) -> torch.dtype:
         return self.parts[0].dtype
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        norms = [p._log_normalizer(memo) for p in self.parts]
+        return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
+
     def log_normalizer(self) -> torch.Tensor:
-        return torch.stack(torch.broadcast_tensors(*[p.log_normalizer() for p in self.parts]))\
-            .logsumexp(0)
+        return self._log_normalizer({})
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
         ops = [p._prob_operator(log_norm) for p in self.parts]
@@ -437,6 +511,20 @@ class Sum(Factor):
             return safe_logsumexp(torch.stack([op(lx) for op in ops]), 0)
 
         return apply
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+        chains: list[list[torch.Tensor]] = []
+        bands: list[tuple[torch.Tensor, int]] = []
+        for p in self.parts:
+            terms = p._prob_terms(log_norm, memo)
+            if terms is None:
+                return None
+            chains += terms.chains
+            bands += terms.bands
+        return ProbTerms(chains, bands)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts for t in p.tensors()]
 
     def _combine(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return safe_logsumexp(torch.stack(torch.broadcast_tensors(*xs)), 0)

@@ -1,0 +1,449 @@
+"""The scaled forward algorithm of a chain, with a hand-written backward algorithm.
+
+One kernel serves every factor that is a sum of matrix chains and bands
+(:class:`lorank.factors.ProbTerms`): ``Dense`` (``[P]``), ``LowRank`` (``[A, C^T]``, Chiu, Deng &
+Rush 2021), ``Banded`` and their sums (the paper's "LHMM + band").  Each step is
+
+    u_t = alpha_{t-1} @ P,   alpha_hat_t = u_t * exp(emission_t - k_t),   c_t = sum(alpha_hat_t),
+
+with ``alpha_t = alpha_hat_t / c_t`` and ``log p(x) = sum_t (log c_t + k_t)``.  A band adds
+``2w + 1`` shifted multiply-adds per step; the low-rank part two thin GEMMs.
+
+* Without gradients (:func:`forward` with ``save=False``) nothing is kept but one ``(B, Z)``
+  message: the emissions are shifted and exponentiated in one pass (time-major, padding set
+  to 1: a padded step multiplies by ``P`` only, which keeps the mass of a row-stochastic P).
+* With gradients, :class:`ScaledChain` keeps the scaled emissions, the unnormalized
+  messages ``alpha_hat`` (T, B, Z) and the rank messages (T, B, R); its backward runs the
+  backward algorithm with the weight gradients gathered into one GEMM per matrix after the
+  time loop, and returns the emission gradient (the posterior marginals) directly.
+* Shifts: ``k_t`` is the step's largest emission (one reduction, reused by the input check).
+  If a scale falls below ``tiny / eps`` (float32: the reachable states' emissions all lie
+  ~87 below the step's maximum, e.g. a sparse band with extreme emissions), the forward is
+  rerun with ``k_t`` the maximum over the *reachable* states (``u_t > 0``), so no step can
+  underflow to zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorank._numerics import safe_log
+from lorank.factors import ProbTerms
+from lorank.semiring import log_matmul, safe_logsumexp
+
+Chains = list[list[torch.Tensor]]
+Bands = list[tuple[torch.Tensor, int]]  # (band probabilities transposed: (*batch, 2w+1, Z), w)
+
+
+# ---- emissions ------------------------------------------------------------------------------
+def emission_shift(
+    emission: torch.Tensor, lengths: torch.Tensor, emission_max: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-step shifts (B, T): the largest emission of each step (``emission_max`` if the
+    caller has it), 0 where that is not finite and at padding. Detached."""
+    k = emission.detach().amax(-1) if emission_max is None else emission_max.detach()
+    steps = torch.arange(emission.shape[1], device=emission.device)
+    keep = (steps < lengths.unsqueeze(1)) & torch.isfinite(k)
+    return torch.where(keep, k, torch.zeros_like(k))
+
+
+def padding_index(lengths: torch.Tensor, t_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(t, b)`` indices of the padded steps (time-major), or None without padding."""
+    pad = torch.arange(t_len, device=lengths.device).unsqueeze(1) >= lengths.unsqueeze(0)
+    if not bool(pad.any()):
+        return None
+    t_idx, b_idx = pad.nonzero(as_tuple=True)
+    return t_idx, b_idx
+
+
+def exp_emission(emission: torch.Tensor, k: torch.Tensor, pad) -> torch.Tensor:
+    """``exp(emission - k)`` time-major (T, B, Z), 1 at padding: one subtraction into a new
+    buffer, one exponential in place, one write of the padded rows."""
+    b, t_len, z = emission.shape
+    e = torch.empty(t_len, b, z, dtype=emission.dtype, device=emission.device)
+    torch.sub(emission.detach().transpose(0, 1), k.t().unsqueeze(-1), out=e)
+    e.exp_()
+    if pad is not None:
+        e[pad] = 1.0
+    return e
+
+
+# ---- products -------------------------------------------------------------------------------
+def _mm(x: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ m`` for x (B, n) and m (n, k) or per example (B, n, k), optionally into ``out``."""
+    if m.dim() == 2:
+        return torch.mm(x, m) if out is None else torch.mm(x, m, out=out)
+    if out is None:
+        return torch.bmm(x.unsqueeze(1), m).squeeze(1)
+    torch.bmm(x.unsqueeze(1), m, out=out.unsqueeze(1))
+    return out
+
+
+def _addmm_(acc: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``acc += x @ m`` in place (shapes as in :func:`_mm`)."""
+    if m.dim() == 2:
+        return acc.addmm_(x, m)
+    acc.unsqueeze(1).baddbmm_(x.unsqueeze(1), m)
+    return acc
+
+
+def _offsets(width: int, z: int):
+    """``(k, o, src, dst)`` per band column k with offset ``o = k - width``: the slices with
+    ``dst = src + o`` inside [0, Z)."""
+    for k in range(2 * width + 1):
+        o = k - width
+        if abs(o) >= z:
+            continue
+        if o >= 0:
+            yield k, slice(0, z - o), slice(o, z)
+        else:
+            yield k, slice(-o, z), slice(0, z + o)
+
+
+def band_apply(
+    acc: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    width: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``acc + x @ band`` (a new tensor, or ``out``, if ``acc`` is None) with
+    ``band[i, i + o] = dt[o + width, i]``: 2w+1 shifted multiply-adds (x (B, Z), dt (2w+1, Z)
+    or (B, 2w+1, Z))."""
+    z = x.shape[-1]
+    center = dt[..., width, :]
+    if acc is None:
+        acc = x * center if out is None else torch.mul(x, center, out=out)
+    else:
+        acc.addcmul_(x, center)
+    for k, src, dst in _offsets(width, z):
+        if k != width:
+            acc[:, dst].addcmul_(x[:, src], dt[..., k, src])
+    return acc
+
+
+def band_apply_t(acc: torch.Tensor | None, g: torch.Tensor, dt: torch.Tensor, width: int):
+    """``acc + g @ band^T``: the adjoint of :func:`band_apply`."""
+    z = g.shape[-1]
+    if acc is None:
+        acc = g * dt[..., width, :]
+    else:
+        acc.addcmul_(g, dt[..., width, :])
+    for k, src, dst in _offsets(width, z):
+        if k != width:
+            acc[:, src].addcmul_(g[:, dst], dt[..., k, src])
+    return acc
+
+
+def band_weight_grad(
+    alpha: torch.Tensor, w: torch.Tensor, width: int, batched: bool
+) -> torch.Tensor:
+    """``grad[o + width, i] = sum_{t,b} alpha[t, b, i] w[t, b, i + o]`` (summed over b too
+    unless ``batched``): alpha, w (T, B, Z) -> (2w+1, Z) or (B, 2w+1, Z)."""
+    z = alpha.shape[-1]
+    lead = (alpha.shape[1],) if batched else ()
+    out = alpha.new_zeros(*lead, 2 * width + 1, z)
+    dims = (0,) if batched else (0, 1)
+    for k, src, dst in _offsets(width, z):
+        out[..., k, src] = (alpha[..., src] * w[..., dst]).sum(dims)
+    return out
+
+
+# ---- forward --------------------------------------------------------------------------------
+def _log_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``log c``, -inf (not NaN) where c = 0."""
+    pos = scales > 0
+    return torch.where(pos, torch.where(pos, scales, 1.0).log(), -math.inf)
+
+
+def underflow_threshold(dtype: torch.dtype) -> float:
+    """Scales below this have lost precision to underflow (float32: ~1e-31)."""
+    fi = torch.finfo(dtype)
+    return fi.tiny / fi.eps
+
+
+def _needs_alpha(chains: Chains, bands: Bands) -> bool:
+    """Whether a step needs the normalized message itself (a band or a one-matrix chain);
+    otherwise the normalization is applied to the narrow first product only."""
+    return bool(bands) or any(len(c) == 1 for c in chains)
+
+
+def _propagate(
+    ah: torch.Tensor,
+    cs: torch.Tensor,
+    chains: Chains,
+    bands: Bands,
+    out: torch.Tensor | None,
+    inter: list[list[torch.Tensor]] | None,
+) -> torch.Tensor:
+    """``u = (ah / cs) @ P`` (into ``out``); writes each chain's intermediate products (already
+    normalized) into ``inter[chain][i]`` when given."""
+    alpha = ah / cs.unsqueeze(-1) if _needs_alpha(chains, bands) else None
+    u = None
+    for ci, mats in enumerate(chains):
+        x = alpha if alpha is not None else ah
+        for i, m in enumerate(mats[:-1]):
+            x = _mm(x, m, None if inter is None else inter[ci][i])
+            if i == 0 and alpha is None:
+                x.div_(cs.unsqueeze(-1))
+        if u is None:
+            u = _mm(x, mats[-1], out)
+        else:
+            _addmm_(u, x, mats[-1])
+    for dt, width in bands:
+        u = band_apply(u, alpha, dt, width, out)
+    return u
+
+
+def forward(
+    pi: torch.Tensor,
+    emission: torch.Tensor,
+    k: torch.Tensor,
+    pad,
+    chains: Chains,
+    bands: Bands,
+    save: bool,
+    safe: bool = False,
+):
+    """The scaled forward pass: ``(log p(x) (B,), saved)``.
+
+    ``saved`` (only with ``save``) holds ``(e, alpha_hat, scales, inter)`` for
+    :class:`ScaledChain`'s backward; it is None if a scale underflowed (the caller then
+    differentiates a log-space pass instead).  Without ``save``, an underflow reruns the pass
+    with ``safe`` shifts: ``alpha_hat_t = exp(log u_t + emission_t - k_t)`` with ``k_t`` the
+    maximum of ``log u_t + emission_t``, i.e. over the reachable states (``u_t > 0``), so
+    every scale lies in [1, Z] (or is 0 for an impossible sequence)."""
+    b, t_len, z = emission.shape
+    em = emission.detach()
+    if safe:
+        em = em.transpose(0, 1).clone()  # time-major, padding -> 0 (log 1)
+        if pad is not None:
+            em[pad] = 0.0
+        shifts = torch.zeros(t_len, b, dtype=em.dtype, device=em.device)
+    else:
+        e = exp_emission(em, k, pad)
+    scales = torch.empty(t_len, b, dtype=em.dtype, device=em.device)
+    ah_all = torch.empty(t_len, b, z, dtype=em.dtype, device=em.device) if save else None
+    inter = None
+    if save:
+        inter = [
+            [em.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains
+        ]
+    tiny = torch.finfo(em.dtype).tiny
+
+    def emit(t: int, u: torch.Tensor) -> torch.Tensor:
+        """``alpha_hat_t`` from ``u_t`` (overwritten)."""
+        if not safe:
+            return u.mul_(e[t])
+        x = u.log_().add_(em[t])
+        kt = x.amax(-1)
+        kt = torch.where(torch.isfinite(kt), kt, 0.0)
+        shifts[t] = kt
+        return x.sub_(kt.unsqueeze(-1)).exp_()
+
+    ah = emit(0, pi.clone())
+    if save:
+        ah_all[0] = ah
+    torch.sum(ah, -1, out=scales[0])
+    for t in range(1, t_len):
+        cs = scales[t - 1].clamp_min(tiny)  # c = 0 only if ah = 0: any divisor keeps 0
+        inter_t = None if inter is None else [[x[t] for x in c] for c in inter]
+        u = _propagate(ah, cs, chains, bands, None if ah_all is None else ah_all[t], inter_t)
+        ah = emit(t, u)
+        torch.sum(ah, -1, out=scales[t])
+    if not safe and bool(scales.min() < underflow_threshold(em.dtype)):
+        if save:
+            return None, None
+        return forward(pi, emission, k, pad, chains, bands, save, safe=True)
+    shift_sum = (shifts if safe else k.t()).sum(0)
+    log_z = _log_scales(scales).sum(0) + shift_sum
+    return log_z, ((e, ah_all, scales, inter) if save else None)
+
+
+# ---- backward -------------------------------------------------------------------------------
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``sum_{t,b} x[t,b]^T g[t,b]`` as one GEMM: x (T, B, m), g (T, B, n) -> (m, n), or per
+    example (B, m, n) for batched matrices."""
+    if batched:
+        return x.permute(1, 2, 0) @ g.transpose(0, 1)
+    return x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+
+
+def backward(
+    gz: torch.Tensor,
+    pi: torch.Tensor,
+    saved,
+    chains: Chains,
+    bands: Bands,
+    pad,
+    need: tuple[bool, bool, list[bool]],
+):
+    """The backward algorithm for :func:`forward`: ``(grad_pi, grad_emission (B, T, Z),
+    [grad of each chain matrix and band, in ProbTerms order], finite)`` (None where not
+    needed).  ``need``: (pi, emission, per tensor).  ``finite`` is False if the backward
+    messages left the float range (they are likelihood ratios up to 1 / alpha, which float32
+    cannot hold for extreme potentials): a non-finite message reaches the first step's
+    message and every weight gradient, which are checked."""
+    e, ah_all, scales, inter = saved
+    t_len, b, z = e.shape
+    need_pi, need_em, need_w = need
+    any_w = any(need_w)
+    pos = scales > 0
+    inv = torch.where(pos, 1.0 / torch.where(pos, scales, 1.0), 0.0)  # (T, B)
+    alpha_mode = _needs_alpha(chains, bands)
+    ge = torch.empty_like(e) if need_em else None
+    w_all = torch.empty_like(e) if any_w else None
+    # per chain, gradients w.r.t. the outputs of matrices 1..n-1 (the first one pre-scaled)
+    gmid = [[e.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
+    mats_t = [[m.transpose(-1, -2) for m in mats] for mats in chains]
+    g = (gz * inv[t_len - 1]).unsqueeze(-1).expand(b, z)
+    for t in range(t_len - 1, 0, -1):
+        if need_em:
+            torch.mul(g, ah_all[t], out=ge[t])
+        w = torch.mul(g, e[t], out=None if w_all is None else w_all[t])
+        it = inv[t - 1].unsqueeze(-1)
+        beta = None
+        for ci, mats in enumerate(mats_t):
+            x = w
+            for i in range(len(mats) - 1, 0, -1):
+                x = _mm(x, mats[i], out=gmid[ci][i - 1][t])
+            if not alpha_mode:
+                x.mul_(it)  # gradient w.r.t. the product before its normalization
+            beta = _mm(x, mats[0]) if beta is None else _addmm_(beta, x, mats[0])
+        for dt, width in bands:
+            beta = band_apply_t(beta, w, dt, width)
+        g = beta.mul_(it) if alpha_mode else beta
+    grad_pi = g * e[0] if need_pi else None
+    finite = bool(torch.isfinite(g).all())
+    if need_em:
+        torch.mul(g, ah_all[0], out=ge[0])
+        if pad is not None:
+            ge[pad] = 0.0
+        ge = ge.transpose(0, 1)
+    grads: list[torch.Tensor | None] = []
+    if not any_w:
+        return grad_pi, ge, [None] * len(need_w), finite
+    if t_len == 1:
+        zeros = [torch.zeros_like(m) for mats in chains for m in mats]
+        zeros += [torch.zeros_like(dt) for dt, _ in bands]
+        return grad_pi, ge, zeros, finite
+    # inputs of the first matrices at steps 1..T-1: alpha_{0..T-2} (normalized or not)
+    prev = ah_all[:-1]
+    if alpha_mode:
+        prev = prev * inv[:-1].unsqueeze(-1)
+    idx = iter(need_w)
+    for ci, mats in enumerate(chains):
+        ins = [prev] + [x[1:] for x in inter[ci]]
+        outs = [x[1:] for x in gmid[ci]] + [w_all[1:]]
+        for m, x, go in zip(mats, ins, outs, strict=True):
+            grads.append(_weight_grad(x, go, m.dim() == 3) if next(idx) else None)
+    for dt, width in bands:
+        grads.append(band_weight_grad(prev, w_all[1:], width, dt.dim() == 3) if next(idx) else None)
+    finite = finite and all(bool(torch.isfinite(x).all()) for x in grads if x is not None)
+    return grad_pi, ge, grads, finite
+
+
+# ---- the autograd Function ------------------------------------------------------------------
+def split_terms(layout: tuple, tensors) -> tuple[Chains, Bands]:
+    """Chains and bands from a flat tensor list and ``layout = (chain sizes, band widths)``."""
+    sizes, widths = layout
+    it = iter(tensors)
+    chains = [[next(it) for _ in range(n)] for n in sizes]
+    bands = [(next(it), w) for w in widths]
+    return chains, bands
+
+
+def layout_of(terms: ProbTerms) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(len(c) for c in terms.chains), tuple(w for _, w in terms.bands)
+
+
+def plain_log_forward(pi, emission, pad, chains: Chains, bands: Bands) -> torch.Tensor:
+    """:func:`forward` in log space, in plain differentiable ops: ``log p(x)`` (B,).
+
+    Max-shifted products (``log_matmul``) and log-sum-exp over the band's shifted terms, so
+    no message can overflow or underflow; zero probabilities are ``-inf`` with zero
+    gradient.  The backward of :class:`ScaledChain` differentiates this when a higher
+    derivative is asked for, or when the scaled backward overflowed (float32 with extreme
+    potentials)."""
+    b, t_len, z = emission.shape
+    em = emission
+    if pad is not None:
+        mask = torch.zeros(b, t_len, 1, dtype=torch.bool, device=em.device)
+        mask[pad[1], pad[0]] = True
+        em = torch.where(mask, 0.0, em)
+    log_chains = [[safe_log(m) for m in mats] for mats in chains]
+    log_bands = [(safe_log(dt), width) for dt, width in bands]
+    la = safe_log(pi) + em[:, 0]
+    for t in range(1, t_len):
+        parts = []
+        for mats in log_chains:
+            x = la
+            for lm in mats:
+                x = log_matmul(x.unsqueeze(-2), lm).squeeze(-2)
+            parts.append(x)
+        for ldt, width in log_bands:
+            for k, src, dst in _offsets(width, z):
+                shifted = torch.full_like(la, -math.inf)
+                shifted[:, dst] = la[:, src] + ldt[..., k, src]
+                parts.append(shifted)
+        la = safe_logsumexp(torch.stack(parts), 0) + em[:, t]
+    return safe_logsumexp(la, -1)
+
+
+class ScaledChain(torch.autograd.Function):
+    """``log p(x)`` (B,) of :func:`forward` with the hand-written backward algorithm.
+
+    ``apply(pi, emission, k, pad, layout, *tensors)``: initial probabilities (B, Z), raw
+    log-emissions (B, T, Z), shifts (B, T) from :func:`emission_shift`, padding index from
+    :func:`padding_index`, and the factor's :class:`~lorank.factors.ProbTerms` flattened
+    (``layout`` from :func:`layout_of`; bands transposed to (*batch, 2w+1, Z)).
+
+    If a forward scale underflows or the backward messages overflow (float32 with extreme
+    potentials), or a higher derivative is asked for, the backward differentiates
+    :func:`plain_log_forward` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, pi, emission, k, pad, layout, *tensors):
+        chains, bands = split_terms(layout, tensors)
+        log_z, saved = forward(pi, emission, k, pad, chains, bands, save=True)
+        ctx.layout, ctx.pad, ctx.num_tensors = layout, pad, len(tensors)
+        ctx.log_space = saved is None
+        if saved is None:  # underflow: the value from the safe forward, a log-space backward
+            log_z, _ = forward(pi, emission, k, pad, chains, bands, save=False, safe=True)
+            ctx.save_for_backward(pi, emission, *tensors)
+            return log_z
+        e, ah_all, scales, inter = saved
+        flat_inter = [x for c in inter for x in c]
+        ctx.save_for_backward(pi, emission, *tensors, e, ah_all, scales, *flat_inter)
+        return log_z
+
+    @staticmethod
+    def backward(ctx, gz):
+        pi, emission, *rest = ctx.saved_tensors
+        tensors, rest = rest[: ctx.num_tensors], rest[ctx.num_tensors :]
+        chains, bands = split_terms(ctx.layout, tensors)
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:]]
+        if not ctx.log_space and not torch.is_grad_enabled():
+            e, ah_all, scales, *flat_inter = rest
+            it = iter(flat_inter)
+            inter = [[next(it) for _ in mats[:-1]] for mats in chains]
+            grad_pi, grad_em, grads, finite = backward(
+                gz, pi, (e, ah_all, scales, inter), chains, bands, ctx.pad,
+                (needs[0], needs[1], needs[2:]),
+            )
+            if finite:
+                return (grad_pi, grad_em, None, None, None, *grads)
+        # create_graph=True, or the scaled passes left the float range: differentiate the
+        # log-space forward
+        with torch.enable_grad():
+            inputs = [pi, emission, *tensors]
+            out = plain_log_forward(pi, emission, ctx.pad, chains, bands)
+            want = [x for x, n in zip(inputs, needs, strict=True) if n]
+            got = iter(torch.autograd.grad(
+                out, want, gz, create_graph=torch.is_grad_enabled(), allow_unused=True
+            ))
+        grads = [next(got) if n else None for n in needs]
+        return (grads[0], grads[1], None, None, None, *grads[2:])
