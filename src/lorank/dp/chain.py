@@ -40,7 +40,7 @@ def pad_emission(emission: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def _scaled_emission(emission: torch.Tensor, lengths: torch.Tensor):
     """``exp(em - k)`` with the per-step max ``k`` (detached: log Z is invariant to it)."""
     em = pad_emission(emission, lengths)
-    k = em.amax(dim=-1).detach()
+    k = em.detach().amax(dim=-1)  # detached first: amax would save its input for backward
     k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
     return (em - k.unsqueeze(-1)).exp(), k
 
