@@ -154,6 +154,38 @@ def test_prob_matrices_multiply_to_the_transition(gen):
             assert random_factor(kind, Z, batch=batch, generator=gen).prob_matrices() is None
 
 
+def _band_dense(probs: torch.Tensor, width: int) -> torch.Tensor:
+    """The (…, Z, Z) matrix with ``out[i, i + k - width] = probs[i, k]`` (by loops)."""
+    z = probs.shape[-2]
+    out = probs.new_zeros(*probs.shape[:-2], z, z)
+    for i in range(z):
+        for k in range(2 * width + 1):
+            j = i + k - width
+            if 0 <= j < z:
+                out[..., i, j] = probs[..., i, k]
+    return out
+
+
+def test_prob_terms_add_up_to_the_transition(factors):
+    """``normalize()`` gives the log normalizer and terms (matrix chains + bands) whose sum
+    is ``P``; every entry is a probability."""
+    for name, f in factors.items():
+        log_norm, terms = f.normalize()
+        torch.testing.assert_close(log_norm, f.log_normalizer(), msg=name)
+        total = 0
+        for mats in terms.chains:
+            prod = mats[0]
+            for m in mats[1:]:
+                prod = prod @ m
+            total = total + prod
+        for probs, width in terms.bands:
+            total = total + _band_dense(probs, width)
+        torch.testing.assert_close(total.expand_as(f.to_dense()), f.to_dense(), msg=name)
+        assert all(((t >= 0) & (t <= 1)).all() for t in terms.tensors()), name
+        assert len(f.tensors()) == len(factor_tensors(f))
+        assert all(a is b for a, b in zip(f.tensors(), factor_tensors(f), strict=True))
+
+
 def test_lowrank_stochastic_factors(gen):
     for batch in (None, B):
         f = random_factor("lowrank", Z, batch=batch, rank=3, scale=5.0, generator=gen)

@@ -194,12 +194,13 @@ class RankSpaceChain(torch.autograd.Function):
             )
             if finite:
                 return grad_pi, ge, None, None, None, grad_a, grad_ct
+        create = torch.is_grad_enabled()  # True only for create_graph=True
         with torch.enable_grad():
             inputs = [pi, emission, a, ct]
             val = plain_log_forward(pi, emission, ctx.pad, [[a, ct]], [])
             want = [x for x, w in zip(inputs, needs, strict=True) if w]
             got = iter(torch.autograd.grad(
-                val, want, gz, create_graph=torch.is_grad_enabled(), allow_unused=True
+                val, want, gz, create_graph=create, allow_unused=True
             ))
         g = [next(got) if w else None for w in needs]
         return g[0], g[1], None, None, None, g[2], g[3]

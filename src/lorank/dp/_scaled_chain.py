@@ -438,12 +438,13 @@ class ScaledChain(torch.autograd.Function):
                 return (grad_pi, grad_em, None, None, None, *grads)
         # create_graph=True, or the scaled passes left the float range: differentiate the
         # log-space forward
+        create = torch.is_grad_enabled()  # True only for create_graph=True
         with torch.enable_grad():
             inputs = [pi, emission, *tensors]
             out = plain_log_forward(pi, emission, ctx.pad, chains, bands)
             want = [x for x, n in zip(inputs, needs, strict=True) if n]
             got = iter(torch.autograd.grad(
-                out, want, gz, create_graph=torch.is_grad_enabled(), allow_unused=True
+                out, want, gz, create_graph=create, allow_unused=True
             ))
         grads = [next(got) if n else None for n in needs]
         return (grads[0], grads[1], None, None, None, *grads[2:])
