@@ -75,6 +75,23 @@ def test_rank_space_gradcheck(gen, batch, chunk):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("z,width,block", [(5, 1, 32), (70, 4, 32), (64, 2, 16), (3, 4, 2),
+                                           (33, 3, 4)])
+def test_band_weight_grad_equals_loops(gen, z, width, block):
+    alpha = torch.randn(3, 2, z, dtype=F64, generator=gen)
+    w = torch.randn(3, 2, z, dtype=F64, generator=gen)
+    ref = torch.zeros(2 * width + 1, z, dtype=F64)
+    ref_b = torch.zeros(2, 2 * width + 1, z, dtype=F64)
+    for k in range(2 * width + 1):
+        for i in range(z):
+            j = i + k - width
+            if 0 <= j < z:
+                ref[k, i] = (alpha[..., i] * w[..., j]).sum()
+                ref_b[:, k, i] = (alpha[..., i] * w[..., j]).sum(0)
+    torch.testing.assert_close(kernel.band_weight_grad(alpha, w, width, False, block), ref)
+    torch.testing.assert_close(kernel.band_weight_grad(alpha, w, width, True, block), ref_b)
+
+
 def test_khatri_rao_builds_the_step_matrices(gen):
     """``E @ (C (x) A)`` equals ``C^T diag(e) A`` token by token."""
     a = torch.rand(Z, 3, dtype=F64, generator=gen)
@@ -165,7 +182,7 @@ def _grads(make_hmm, params, em):
 def test_band_chain_equals_dense_factor(gen, width, batched):
     """LowRank + Banded through the band kernel vs the same P as a Dense factor (the dense
     potentials built from the definitions with autograd): values and every gradient."""
-    b, t, z = 4, 9, 13
+    b, t, z = 4, 9, 37  # one 32-state block of the band's weight-gradient GEMM, and a tail
     lengths = torch.tensor([9, 4, 1, 7])
     f0 = random_factor("lowrank+banded", z, batch=b if batched else None, rank=3, width=width,
                        generator=gen)

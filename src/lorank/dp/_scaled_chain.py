@@ -138,16 +138,35 @@ def band_apply_t(acc: torch.Tensor | None, g: torch.Tensor, dt: torch.Tensor, wi
 
 
 def band_weight_grad(
-    alpha: torch.Tensor, w: torch.Tensor, width: int, batched: bool
+    alpha: torch.Tensor, w: torch.Tensor, width: int, batched: bool, block: int = 32
 ) -> torch.Tensor:
     """``grad[o + width, i] = sum_{t,b} alpha[t, b, i] w[t, b, i + o]`` (summed over b too
-    unless ``batched``): alpha, w (T, B, Z) -> (2w+1, Z) or (B, 2w+1, Z)."""
+    unless ``batched``): alpha, w (T, B, Z) -> (2w+1, Z) or (B, 2w+1, Z).
+
+    Shared bands: one batched GEMM over blocks of ``block`` states, ``alpha[:, blk]^T @
+    w[:, blk +- width]`` (block x (block + 2w)), whose 2w+1 diagonals are the gradient -- a
+    GEMM instead of 2w+1 passes over (T, B, Z) products."""
     z = alpha.shape[-1]
-    lead = (alpha.shape[1],) if batched else ()
-    out = alpha.new_zeros(*lead, 2 * width + 1, z)
-    dims = (0,) if batched else (0, 1)
-    for k, src, dst in _offsets(width, z):
-        out[..., k, src] = (alpha[..., src] * w[..., dst]).sum(dims)
+    k = 2 * width + 1
+    if batched:
+        out = alpha.new_zeros(alpha.shape[1], k, z)
+        for kk, src, dst in _offsets(width, z):
+            out[..., kk, src] = (alpha[..., src] * w[..., dst]).sum(0)
+        return out
+    a = alpha.reshape(-1, z)
+    n = a.shape[0]
+    wp = w.new_zeros(n, z + 2 * width)
+    wp[:, width : width + z] = w.reshape(-1, z)
+    nb, out = z // block, alpha.new_zeros(k, z)
+    if nb:
+        zp = z + 2 * width
+        av = a.as_strided((nb, block, n), (block, 1, z))  # blocks of alpha^T
+        wv = wp.as_strided((nb, n, block + 2 * width), (block, zp, 1))
+        prod = torch.bmm(av, wv)  # (nb, block, block + 2w): prod[., i, j] pairs i, i + j - w
+        diag = prod.as_strided((nb, block, k), (block * (block + 2 * width), block + 2 * width + 1, 1))
+        out[:, : nb * block] = diag.reshape(nb * block, k).t()
+    for i in range(nb * block, z):  # the last z % block states
+        out[:, i] = a[:, i] @ wp[:, i : i + k]
     return out
 
 
