@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from lorank._checks import check_positive_int, check_tensor
-from lorank._numerics import finite_or_zero
+from lorank._numerics import finite_or_zero, safe_log, stable_shift
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -68,6 +68,32 @@ def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 
 
+def _softmax_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp(x, dim), exp(x - logsumexp))`` from one exponential: the log normalizer
+    (-inf for an all -inf slice, exactly :func:`safe_logsumexp`) and the normalized
+    probabilities (0 for such a slice).  In place where no gradient is recorded."""
+    m = stable_shift(x, dim)
+    ex = (x - m).exp_()  # a fresh temporary: in place is safe for autograd
+    tot = ex.sum(dim, keepdim=True)
+    log_norm = (safe_log(tot) + m).squeeze(dim)
+    div = torch.where(tot > 0, tot, 1.0)
+    probs = ex / div if torch.is_grad_enabled() and ex.requires_grad else ex.div_(div)
+    return log_norm, probs
+
+
+class _Own(NamedTuple):
+    """A factor's own normalization, kept in a ``normalize()`` memo."""
+
+    log_norm: torch.Tensor
+    probs: torch.Tensor
+
+
+def _own_probs(memo: dict, key, log_norm: torch.Tensor) -> torch.Tensor | None:
+    """The memoized probabilities if ``log_norm`` is the factor's own normalizer."""
+    own = memo.get(key)
+    return own.probs if own is not None and own.log_norm is log_norm else None
+
+
 class Factor:
     """Base class of transition factors (row-normalized nonnegative Z x Z matrices)."""
 
@@ -93,8 +119,9 @@ class Factor:
         return self.log_normalizer()
 
     def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
-        """``P`` as :class:`ProbTerms` with the (finite) row normalizer ``log_norm``; None if
-        the factor has no such form (then the chain uses :meth:`prob_operator`)."""
+        """``P`` as :class:`ProbTerms` with the row normalizer ``log_norm`` (-inf rows are
+        treated as 0); None if the factor has no such form (the chain then uses
+        :meth:`prob_operator`)."""
         return None
 
     def tensors(self) -> list[torch.Tensor]:
@@ -150,7 +177,7 @@ class Factor:
         ``LowRank`` the column log-sums and ``left + s``, as a bare implementation would)."""
         memo: dict = {}
         log_norm = self._log_normalizer(memo)
-        return log_norm, self._prob_terms(finite_or_zero(log_norm), memo)
+        return log_norm, self._prob_terms(log_norm, memo)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
@@ -221,8 +248,16 @@ class Dense(Factor):
         p = (self.logits - log_norm.unsqueeze(-1)).exp()
         return lambda x: _bmv(x, p)
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        own = _Own(*_softmax_parts(self.logits, -1))
+        memo[("dense", id(self))] = own
+        return own.log_norm
+
     def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
-        return ProbTerms([[(self.logits - log_norm.unsqueeze(-1)).exp()]], [])
+        p = _own_probs(memo, ("dense", id(self)), log_norm)
+        if p is None:
+            p = (self.logits - finite_or_zero(log_norm).unsqueeze(-1)).exp()
+        return ProbTerms([[p]], [])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]
@@ -295,19 +330,21 @@ class LowRank(Factor):
         """``s[r] = log sum_j exp(right[j, r])``: (*batch, R)."""
         return safe_logsumexp(self.right, dim=-2)
 
-    def _parts(self, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s, left + s)``, computed once per ``memo``."""
+    def _parts(self, memo: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(s, C, left + s)`` with C = exp(right - s), computed once per ``memo``."""
         key = ("lowrank", id(self))
         if key not in memo:
-            s = self._column_lse()
-            memo[key] = (s, self.left + s.unsqueeze(-2))
+            s, c = _softmax_parts(self.right, -2)
+            memo[key] = (s, c, self.left + s.unsqueeze(-2))
         return memo[key]
 
     def _log_normalizer(self, memo: dict) -> torch.Tensor:
-        return safe_logsumexp(self._parts(memo)[1], dim=-1)
+        own = _Own(*_softmax_parts(self._parts(memo)[2], -1))
+        memo[("lowrank-a", id(self))] = own
+        return own.log_norm
 
     def log_normalizer(self) -> torch.Tensor:
-        return self._log_normalizer({})
+        return safe_logsumexp(self.left + self._column_lse().unsqueeze(-2), dim=-1)
 
     def stochastic_factors(self, log_norm: torch.Tensor | None = None, memo: dict | None = None):
         """``(A, C)`` with ``P = A @ C.mT``: A (Z, R) row-stochastic, C (Z, R) columns sum to 1.
@@ -315,11 +352,12 @@ class LowRank(Factor):
         With a larger ``log_norm`` (a joint normalizer of a sum), A's rows sum to less than 1.
         """
         memo = {} if memo is None else memo
-        s, ls = self._parts(memo)
+        _, c, ls = self._parts(memo)
         if log_norm is None:
-            log_norm = safe_logsumexp(ls, dim=-1)
-        a = (ls - log_norm.unsqueeze(-1)).exp_()  # in place on fresh temporaries
-        c = (self.right - finite_or_zero(s).unsqueeze(-2)).exp_()
+            log_norm = self._log_normalizer(memo)
+        a = _own_probs(memo, ("lowrank-a", id(self)), log_norm)
+        if a is None:
+            a = (ls - finite_or_zero(log_norm).unsqueeze(-1)).exp()
         return a, c
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
@@ -422,8 +460,16 @@ class Banded(Factor):
         band = self._masked - log_norm.unsqueeze(-1)
         return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        own = _Own(*_softmax_parts(self._masked, -1))
+        memo[("banded", id(self))] = own
+        return own.log_norm
+
     def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
-        return ProbTerms([], [((self._masked - log_norm.unsqueeze(-1)).exp(), self.width)])
+        p = _own_probs(memo, ("banded", id(self)), log_norm)
+        if p is None:
+            p = (self._masked - finite_or_zero(log_norm).unsqueeze(-1)).exp()
+        return ProbTerms([], [(p, self.width)])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]
@@ -498,7 +544,8 @@ class Sum(Factor):
         return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
 
     def log_normalizer(self) -> torch.Tensor:
-        return self._log_normalizer({})
+        norms = [p.log_normalizer() for p in self.parts]
+        return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
         ops = [p._prob_operator(log_norm) for p in self.parts]

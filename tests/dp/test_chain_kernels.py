@@ -150,24 +150,29 @@ def test_inference_path_does_not_run_the_autograd_function(gen, monkeypatch):
 
 
 def test_normalizer_computed_once(gen, monkeypatch):
-    """The transition's normalizer is computed once per HMM (the dead-row check reuses it)."""
+    """Each row/column normalization runs once per HMM (the dead-row check reuses it), and
+    the probabilities come from the same exponential (LowRank: columns then rows)."""
+    import lorank.factors as factors
+
     calls = []
-    orig = LowRank._column_lse
+    orig = factors._softmax_parts
 
-    def counting(self):
-        calls.append(1)
-        return orig(self)
+    def counting(x, dim):
+        calls.append(tuple(x.shape))
+        return orig(x, dim)
 
-    monkeypatch.setattr(LowRank, "_column_lse", counting)
-    f = random_factor("lowrank", Z, generator=gen)
+    monkeypatch.setattr(factors, "_softmax_parts", counting)
+    for name in ("log_normalizer", "_column_lse"):
+        monkeypatch.setattr(LowRank, name, lambda self: pytest.fail("recomputed"))
+    f = LowRank(*(torch.randn(Z, 2, dtype=F64, generator=gen) for _ in range(2)))
     em = torch.randn(B, T, Z, dtype=F64, generator=gen)
     for hmm in (HMM, RankSpaceHMM):
         calls.clear()
         hmm(torch.zeros(Z, dtype=F64), f, em, LENGTHS).log_partition
-        assert len(calls) == 1, hmm
+        assert calls == [(Z, 2), (Z, 2)], hmm
     calls.clear()
     HMM(torch.zeros(Z, dtype=F64), f + Banded(torch.zeros(Z, 3, dtype=F64), 1), em).log_partition
-    assert len(calls) == 1
+    assert calls == [(Z, 2), (Z, 2), (Z, 3)]
 
 
 # ---- band and rank space against dense oracles beyond brute force ----------------------------
