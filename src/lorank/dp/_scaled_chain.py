@@ -124,11 +124,17 @@ def band_apply(
     return acc
 
 
-def band_apply_t(acc: torch.Tensor | None, g: torch.Tensor, dt: torch.Tensor, width: int):
-    """``acc + g @ band^T``: the adjoint of :func:`band_apply`."""
+def band_apply_t(
+    acc: torch.Tensor | None,
+    g: torch.Tensor,
+    dt: torch.Tensor,
+    width: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``acc + g @ band^T``: the adjoint of :func:`band_apply` (``out`` as there)."""
     z = g.shape[-1]
     if acc is None:
-        acc = g * dt[..., width, :]
+        acc = g * dt[..., width, :] if out is None else torch.mul(g, dt[..., width, :], out=out)
     else:
         acc.addcmul_(g, dt[..., width, :])
     for k, src, dst in _offsets(width, z):
@@ -312,16 +318,16 @@ def backward(
     pos = scales > 0
     inv = torch.where(pos, 1.0 / torch.where(pos, scales, 1.0), 0.0)  # (T, B)
     alpha_mode = _needs_alpha(chains, bands)
-    ge = torch.empty_like(e) if need_em else None
+    # g[t] = dL/d alpha_hat_t, written by each step's products; the emission gradient
+    # g * alpha_hat is formed after the loop in one pass
+    g_all = torch.empty_like(e)
+    g_all[t_len - 1] = (gz * inv[t_len - 1]).unsqueeze(-1)
     w_all = torch.empty_like(e) if any_w else None
     # per chain, gradients w.r.t. the outputs of matrices 1..n-1 (the first one pre-scaled)
     gmid = [[e.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
     mats_t = [[m.transpose(-1, -2) for m in mats] for mats in chains]
-    g = (gz * inv[t_len - 1]).unsqueeze(-1).expand(b, z)
     for t in range(t_len - 1, 0, -1):
-        if need_em:
-            torch.mul(g, ah_all[t], out=ge[t])
-        w = torch.mul(g, e[t], out=None if w_all is None else w_all[t])
+        w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
         it = inv[t - 1].unsqueeze(-1)
         beta = None
         for ci, mats in enumerate(mats_t):
@@ -330,14 +336,17 @@ def backward(
                 x = _mm(x, mats[i], out=gmid[ci][i - 1][t])
             if not alpha_mode:
                 x.mul_(it)  # gradient w.r.t. the product before its normalization
-            beta = _mm(x, mats[0]) if beta is None else _addmm_(beta, x, mats[0])
+            beta = _mm(x, mats[0], g_all[t - 1]) if beta is None else _addmm_(beta, x, mats[0])
         for dt, width in bands:
-            beta = band_apply_t(beta, w, dt, width)
-        g = beta.mul_(it) if alpha_mode else beta
+            beta = band_apply_t(beta, w, dt, width, g_all[t - 1])
+        if alpha_mode:
+            beta.mul_(it)
+    g = g_all[0]
     grad_pi = g * e[0] if need_pi else None
     finite = bool(torch.isfinite(g).all())
+    ge = None
     if need_em:
-        torch.mul(g, ah_all[0], out=ge[0])
+        ge = g_all.mul_(ah_all)
         if pad is not None:
             ge[pad] = 0.0
         ge = ge.transpose(0, 1)
