@@ -17,6 +17,8 @@ import torch
 
 from lorank.dp._scaled_chain import (
     _log_scales,
+    _mm,
+    _weight_grad,
     exp_emission,
     plain_log_forward,
     underflow_threshold,
@@ -78,78 +80,73 @@ def forward(pi, emission, k, pad, a, ct, max_elements: int, save: bool):
     return log_z, ((e, kr, msgs, scales, m_all) if save else None)
 
 
+def _rows_mm(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` for x (T, B, k) and m (k, n) or per example (B, k, n): (T, B, n)."""
+    if m.dim() == 2:
+        return (x.reshape(-1, x.shape[-1]) @ m).view(*x.shape[:-1], m.shape[-1])
+    return (x.transpose(0, 1) @ m).transpose(0, 1)
+
+
 def backward(gz, pi, a, ct, saved, pad, max_elements: int, need):
     """``(grad_pi, grad_emission (B, T, Z), grad_a, grad_ct, finite)`` (None where not
     needed); ``finite`` is False if the backward messages left the float range (a non-finite
-    message reaches the first step's)."""
+    message reaches the first step's).
+
+    ``dL/dM_t = m_t^T g_t`` is rank one, so nothing of size R^2 per token is formed: with
+    ``u_t = m_t C^T`` and ``v_t = g_t A^T`` (two GEMMs over all tokens), ``dL/de_t = u_t v_t``,
+    ``dL/dA = sum_t (e_t u_t)^T g_t`` and ``dL/dC = sum_t (e_t v_t)^T m_t``: O(Z R) per
+    token, like the state-space backward.  The recursion ``b_t = M_t g_t`` uses the saved
+    M (O(R^2) per step), or ``C^T (e_t * (A g_t))`` (O(Z R)) when M was built in chunks."""
     e, kr, msgs, scales, m_all = saved
     t_len, b, z = e.shape
     r = a.shape[-1]
     need_pi, need_em, need_a, need_ct = need
-    batched = a.dim() == 3
     pos = scales > 0
     inv = torch.where(pos, 1.0 / torch.where(pos, scales, 1.0), 0.0)
-    ge = torch.zeros_like(e) if need_em else None
-    grad_kr = None
-    gs = (gz * inv[t_len - 1]).unsqueeze(-1).expand(b, r).contiguous()
-    b1 = None
-    if t_len > 1:
-        chunks = _chunks(t_len, b, r, max_elements)
-        gs_all = e.new_empty(t_len, b, r)
-        for t0, t1 in reversed(chunks):
-            mc = m_all if m_all is not None else _build(e, kr, t0, t1)
-            for s in range(t1 - t0 - 1, -1, -1):
-                t = t0 + s
-                gs_all[t] = gs
-                bt = torch.bmm(mc[s].view(b, r, r), gs.unsqueeze(-1)).squeeze(-1)  # dL/dm_t
-                if t > 1:
-                    gs = bt.mul_(inv[t - 1].unsqueeze(-1))
-                else:
-                    b1 = bt
-            # dL/dM_t = m_t^T gs_t for the chunk, then one GEMM each to E and to K
-            gm = (msgs[t0:t1].unsqueeze(-1) * gs_all[t0:t1].unsqueeze(-2)).reshape(t1 - t0, b, -1)
-            if need_em:
-                if batched:
-                    ge_c = (gm.transpose(0, 1) @ kr.transpose(-1, -2)).transpose(0, 1)
-                else:
-                    ge_c = (gm.reshape(-1, r * r) @ kr.t()).reshape(t1 - t0, b, z)
-                torch.mul(ge_c, e[t0:t1], out=ge[t0:t1])
-            if need_a or need_ct:
-                x = e[t0:t1]
-                if batched:
-                    g = x.permute(1, 2, 0) @ gm.transpose(0, 1)
-                else:
-                    g = x.reshape(-1, z).t() @ gm.reshape(-1, r * r)
-                grad_kr = g if grad_kr is None else grad_kr.add_(g)
-        # step 0: m_1 = (pi * e_0 / c_0) @ A
-        at = a.transpose(-1, -2)
-        g0 = (b1 @ at) if a.dim() == 2 else torch.bmm(b1.unsqueeze(1), at).squeeze(1)
-        g0.mul_(inv[0].unsqueeze(-1))
-    else:
-        g0 = gs[:, :1].expand(b, z)
-    ah0 = pi * e[0]
-    finite = bool(torch.isfinite(g0).all())
-    grad_pi = g0 * e[0] if need_pi else None
+    at = a.transpose(-1, -2)
+    c = ct.transpose(-1, -2)
     grad_a = grad_ct = None
+    ge = e.new_zeros(t_len, b, z) if need_em else None
+    if t_len > 1:
+        gs_all = e.new_empty(t_len, b, r)
+        gs_all[t_len - 1] = (gz * inv[t_len - 1]).unsqueeze(-1)
+        for t in range(t_len - 1, 0, -1):
+            gs = gs_all[t]
+            if m_all is not None:  # dL/dm_t = M_t g_t
+                bt = torch.bmm(m_all[t - 1].view(b, r, r), gs.unsqueeze(-1)).squeeze(-1)
+            else:
+                v = _mm(gs, at).mul_(e[t])
+                bt = _mm(v, c)
+            if t > 1:
+                gs_all[t - 1] = bt.mul_(inv[t - 1].unsqueeze(-1))
+        b1 = bt
+        g0 = _mm(b1, at).mul_(inv[0].unsqueeze(-1))  # m_1 = (pi * e_0 / c_0) @ A
+        ms, gs1, e1 = msgs[1:], gs_all[1:], e[1:]
+        eu = _rows_mm(ms, ct).mul_(e1)  # e_t * u_t
+        v = _rows_mm(gs1, at)
+        if need_em:
+            torch.mul(eu, v, out=ge[1:])
+        if need_a:
+            alpha0 = pi * e[0] * inv[0].unsqueeze(-1)
+            first = alpha0.t() @ b1 if a.dim() == 2 else alpha0.unsqueeze(-1) * b1.unsqueeze(-2)
+            grad_a = _weight_grad(eu, gs1, a.dim() == 3) + first
+        if need_ct:
+            grad_ct = _weight_grad(v.mul_(e1), ms, a.dim() == 3).transpose(-1, -2)
+    else:
+        g0 = (gz * inv[0]).unsqueeze(-1).expand(b, z)
+        if need_a:
+            grad_a = torch.zeros_like(a)
+        if need_ct:
+            grad_ct = torch.zeros_like(ct)
+    finite = bool(torch.isfinite(g0).all())
+    finite = finite and all(bool(torch.isfinite(x).all()) for x in (grad_a, grad_ct)
+                            if x is not None)
+    grad_pi = g0 * e[0] if need_pi else None
     if need_em:
-        ge[0] = g0 * ah0
+        ge[0] = g0 * (pi * e[0])
         if pad is not None:
             ge[pad] = 0.0
         ge = ge.transpose(0, 1)
-    if need_a or need_ct:
-        c = ct.transpose(-1, -2)
-        if grad_kr is None:
-            grad_kr = a.new_zeros(*a.shape[:-2], z, r * r)
-        gk = grad_kr.reshape(*grad_kr.shape[:-1], r, r)  # [j, r, s]
-        if need_a:
-            grad_a = (gk * c.unsqueeze(-1)).sum(-2)
-            if b1 is not None:  # the first step's alpha_0^T dL/dm_1
-                alpha0 = ah0 * inv[0].unsqueeze(-1)
-                grad_a = grad_a + (alpha0.t() @ b1 if not batched else
-                                   alpha0.unsqueeze(-1) * b1.unsqueeze(-2))
-        if need_ct:
-            grad_ct = (gk * a.unsqueeze(-2)).sum(-1).transpose(-1, -2)
-        finite = finite and bool(torch.isfinite(grad_kr).all())
     return grad_pi, ge, grad_a, grad_ct, finite
 
 
