@@ -371,6 +371,12 @@ def leaves(p):
     return p
 
 
+def flat_leaves(p) -> list[torch.Tensor]:
+    if isinstance(p, dict):
+        return [t for v in p.values() for t in flat_leaves(v)]
+    return [p] if isinstance(p, torch.Tensor) else []
+
+
 def time_case(bare, ours, p, x, reps, budget, extra=None):
     """{fwd_bare, fwd, fwdbwd} seconds and the largest |log Z| difference."""
 
@@ -385,6 +391,8 @@ def time_case(bare, ours, p, x, reps, budget, extra=None):
 
     def fwdbwd():
         ours(pg, xg).sum().backward()
+        for t in [xg, *flat_leaves(pg)]:  # as zero_grad(set_to_none=True) in a training loop
+            t.grad = None
 
     with torch.no_grad():
         diff = float((bare(p, x).double() - ours(p, x).double()).abs().max())
@@ -592,7 +600,7 @@ def write_results(rows, peak, args, wall_s: float) -> None:
     if BEGIN in old and END in old:
         new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
     else:
-        new = old.rstrip() + "\n\n" + text + "\n"
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + text + "\n"
     path.write_text(new)
     print(f"wrote {path}")
 
@@ -645,6 +653,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=30.0, help="seconds per case, roughly")
     ap.add_argument("--width", type=int, default=4, help="band width of lowrank+band")
     ap.add_argument("--sections", nargs="+", default=["hmm", "hsmm", "pcfg", "train"])
+    ap.add_argument("--kinds", nargs="+", default=["dense", "lowrank", "band", "rank_space"],
+                    help="HMM kinds to time")
     ap.add_argument("--research-code", type=Path, default=None,
                     help="checkout of github.com/justinchiu/low-rank-models")
     ap.add_argument("--train-reps", type=int, default=3)
@@ -677,7 +687,7 @@ def main(argv=None) -> int:
         for r in (16, 64):
             if z * r * r <= 1 << 26:
                 cases.append(("rank_space", z, r, *bt))
-    args.hmm_cases = cases
+    args.hmm_cases = [c for c in cases if c[0] in args.kinds]
     research = research_fn(args.research_code) if args.research_code else None
     peak = matmul_gflops(1024 if args.quick else 2048)
     print(f"# {machine_description()}\n# square matmul {peak:.1f} GFLOP/s", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -41,22 +43,22 @@ def check_values(
     """
     if not x.numel():
         return
-    with torch.no_grad():
-        if allow_neg_inf:
-            top = (x.detach().amax() if reduced is None else reduced.detach().amax())
-            if bool(top < float("inf")):
-                return
-        else:
-            lo, top = torch.aminmax(x.detach())
-            if bool(top < float("inf")) and bool(lo > float("-inf")):
-                return
-        if torch.isnan(x).any():
-            n = int(torch.isnan(x).sum())
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains {n} NaN value(s)")
-        if torch.isposinf(x).any():
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains +inf")
-        if not allow_neg_inf and torch.isneginf(x).any():
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains -inf")
+    if allow_neg_inf:
+        top = (x if reduced is None else reduced).detach().amax()
+        if top.item() < math.inf:  # False for NaN
+            return
+    else:
+        lo, top = torch.aminmax(x.detach())
+        if top.item() < math.inf and lo.item() > -math.inf:
+            return
+    x = x.detach()
+    if torch.isnan(x).any():
+        n = int(torch.isnan(x).sum())
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains {n} NaN value(s)")
+    if torch.isposinf(x).any():
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains +inf")
+    if not allow_neg_inf and torch.isneginf(x).any():
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains -inf")
 
 
 def check_lengths(lengths: object, batch: int, max_len: int, device: torch.device) -> torch.Tensor:

@@ -68,17 +68,47 @@ def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 
 
+def _softmax_plain(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_softmax_parts` without autograd: five passes, in place."""
+    m = torch.nan_to_num(x.amax(dim, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    ex = (x - m).exp_()
+    tot = ex.sum(dim, keepdim=True)
+    log_norm = tot.log().add_(m).squeeze(dim)  # log 0 = -inf: an all -inf slice
+    return log_norm, ex.div_(tot.clamp_min_(torch.finfo(x.dtype).tiny))
+
+
+class _Softmax(torch.autograd.Function):
+    """``(logsumexp(x, dim), softmax(x, dim))`` with a fused backward,
+    ``dx = P (dP - sum(dP P) + d logsumexp)`` (0 on an all -inf slice)."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        log_norm, p = _softmax_plain(x.detach(), dim)
+        ctx.save_for_backward(p)
+        ctx.dim = dim
+        return log_norm, p
+
+    @staticmethod
+    def backward(ctx, g_norm, g_p):
+        (p,) = ctx.saved_tensors
+        dim = ctx.dim
+        if g_p is None:
+            g = torch.zeros_like(p)
+        else:
+            g_p = g_p.contiguous()  # a transposed gradient makes every product below strided
+            g = g_p - (g_p * p).sum(dim, keepdim=True)
+        if g_norm is not None:
+            g = g + g_norm.unsqueeze(dim)
+        return g * p, None
+
+
 def _softmax_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp(x, dim), exp(x - logsumexp))`` from one exponential: the log normalizer
-    (-inf for an all -inf slice, exactly :func:`safe_logsumexp`) and the normalized
-    probabilities (0 for such a slice).  In place where no gradient is recorded."""
-    m = stable_shift(x, dim)
-    ex = (x - m).exp_()  # a fresh temporary: in place is safe for autograd
-    tot = ex.sum(dim, keepdim=True)
-    log_norm = (safe_log(tot) + m).squeeze(dim)
-    div = torch.where(tot > 0, tot, 1.0)
-    probs = ex / div if torch.is_grad_enabled() and ex.requires_grad else ex.div_(div)
-    return log_norm, probs
+    (-inf for an all -inf slice, as :func:`safe_logsumexp`) and the normalized probabilities
+    (0 for such a slice), with a fused backward."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Softmax.apply(x, dim)
+    return _softmax_plain(x, dim)
 
 
 class _Own(NamedTuple):

@@ -25,8 +25,8 @@ def _kernel_inputs(gen, kind, batch, width=1):
     _, terms = f.normalize()
     em = torch.randn(B, T, Z, dtype=F64, generator=gen)
     pi = torch.randn(B, Z, dtype=F64, generator=gen).softmax(-1)
-    k = kernel.emission_shift(em, LENGTHS)
     pad = kernel.padding_index(LENGTHS, T)
+    k = kernel.emission_shift(em, pad)
     bands = [(p.mT.contiguous(), w) for p, w in terms.bands]
     flat = [m for c in terms.chains for m in c] + [p for p, _ in bands]
     return pi, em, k, pad, kernel.layout_of(terms), flat
@@ -64,8 +64,8 @@ def test_rank_space_gradcheck(gen, batch, chunk):
     a, ct = f.prob_terms().chains[0]
     em = torch.randn(B, T, Z, dtype=F64, generator=gen)
     pi = torch.randn(B, Z, dtype=F64, generator=gen).softmax(-1)
-    k = kernel.emission_shift(em, LENGTHS)
     pad = kernel.padding_index(LENGTHS, T)
+    k = kernel.emission_shift(em, pad)
     inputs = [x.detach().clone().requires_grad_(True) for x in (pi, em, a, ct)]
 
     def fn(pi, em, a, ct):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from lorank.dp._scaled_chain import (
-    _log_scales,
     _mm,
     _weight_grad,
     exp_emission,
@@ -52,15 +51,13 @@ def forward(pi, emission, k, pad, a, ct, max_elements: int, save: bool):
     b, t_len, z = emission.shape
     r = a.shape[-1]
     e = exp_emission(emission.detach(), k, pad)
-    scales = e.new_empty(t_len, b)
+    scales = e.new_empty(t_len, b, 1)
     msgs = e.new_empty(t_len, b, r) if save else None
     ah = pi * e[0]
-    torch.sum(ah, -1, out=scales[0])
-    tiny = torch.finfo(e.dtype).tiny
+    torch.sum(ah, -1, keepdim=True, out=scales[0])
     kr = m_all = None
     if t_len > 1:
-        alpha = ah / scales[0].clamp_min(tiny).unsqueeze(-1)
-        m = (alpha @ a) if a.dim() == 2 else torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
+        m = _mm(ah.div_(scales[0]), a)  # 0 / 0 for an impossible first step: caught below
         kr = khatri_rao(ct.transpose(-1, -2), a)
         chunks = _chunks(t_len, b, r, max_elements)
         for t0, t1 in chunks:
@@ -72,11 +69,12 @@ def forward(pi, emission, k, pad, a, ct, max_elements: int, save: bool):
                 if save:
                     msgs[t] = m
                 m = torch.bmm(m.unsqueeze(1), mc[s].view(b, r, r)).squeeze(1)
-                torch.sum(m, -1, out=scales[t])
-                m.div_(scales[t].clamp_min(tiny).unsqueeze(-1))
-    if bool(scales.min() < underflow_threshold(e.dtype)):
+                torch.sum(m, -1, keepdim=True, out=scales[t])
+                m.div_(scales[t])
+    scales = scales.squeeze(-1)
+    if not scales.min().item() >= underflow_threshold(e.dtype):  # NaN included
         return None, None
-    log_z = _log_scales(scales).sum(0) + k.sum(1)
+    log_z = scales.log().sum(0) + k.sum(1)
     return log_z, ((e, kr, msgs, scales, m_all) if save else None)
 
 

@@ -38,24 +38,25 @@ Bands = list[tuple[torch.Tensor, int]]  # (band probabilities transposed: (*batc
 
 
 # ---- emissions ------------------------------------------------------------------------------
-def emission_shift(
-    emission: torch.Tensor, lengths: torch.Tensor, emission_max: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-step shifts (B, T): the largest emission of each step (``emission_max`` if the
-    caller has it), 0 where that is not finite and at padding. Detached."""
-    k = emission.detach().amax(-1) if emission_max is None else emission_max.detach()
-    steps = torch.arange(emission.shape[1], device=emission.device)
-    keep = (steps < lengths.unsqueeze(1)) & torch.isfinite(k)
-    return torch.where(keep, k, torch.zeros_like(k))
-
-
 def padding_index(lengths: torch.Tensor, t_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(t, b)`` indices of the padded steps (time-major), or None without padding."""
     pad = torch.arange(t_len, device=lengths.device).unsqueeze(1) >= lengths.unsqueeze(0)
-    if not bool(pad.any()):
+    if not pad.any().item():
         return None
     t_idx, b_idx = pad.nonzero(as_tuple=True)
     return t_idx, b_idx
+
+
+def emission_shift(
+    emission: torch.Tensor, pad, emission_max: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-step shifts (B, T): the largest emission of each step (``emission_max`` if the
+    caller has it), 0 where that is not finite and at padding. Detached, a new tensor."""
+    k = emission.detach().amax(-1) if emission_max is None else emission_max.detach()
+    k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+    if pad is not None:
+        k[pad[1], pad[0]] = 0.0
+    return k
 
 
 def exp_emission(emission: torch.Tensor, k: torch.Tensor, pad) -> torch.Tensor:
@@ -177,12 +178,6 @@ def band_weight_grad(
 
 
 # ---- forward --------------------------------------------------------------------------------
-def _log_scales(scales: torch.Tensor) -> torch.Tensor:
-    """``log c``, -inf (not NaN) where c = 0."""
-    pos = scales > 0
-    return torch.where(pos, torch.where(pos, scales, 1.0).log(), -math.inf)
-
-
 def underflow_threshold(dtype: torch.dtype) -> float:
     """Scales below this have lost precision to underflow (float32: ~1e-31)."""
     fi = torch.finfo(dtype)
@@ -203,16 +198,16 @@ def _propagate(
     out: torch.Tensor | None,
     inter: list[list[torch.Tensor]] | None,
 ) -> torch.Tensor:
-    """``u = (ah / cs) @ P`` (into ``out``); writes each chain's intermediate products (already
-    normalized) into ``inter[chain][i]`` when given."""
-    alpha = ah / cs.unsqueeze(-1) if _needs_alpha(chains, bands) else None
+    """``u = (ah / cs) @ P`` (into ``out``; cs (B, 1)); writes each chain's intermediate
+    products (already normalized) into ``inter[chain][i]`` when given."""
+    alpha = ah / cs if _needs_alpha(chains, bands) else None
     u = None
     for ci, mats in enumerate(chains):
         x = alpha if alpha is not None else ah
         for i, m in enumerate(mats[:-1]):
             x = _mm(x, m, None if inter is None else inter[ci][i])
             if i == 0 and alpha is None:
-                x.div_(cs.unsqueeze(-1))
+                x.div_(cs)
         if u is None:
             u = _mm(x, mats[-1], out)
         else:
@@ -236,61 +231,80 @@ def forward(
 
     ``saved`` (only with ``save``) holds ``(e, alpha_hat, scales, inter)`` for
     :class:`ScaledChain`'s backward; it is None if a scale underflowed (the caller then
-    differentiates a log-space pass instead).  Without ``save``, an underflow reruns the pass
-    with ``safe`` shifts: ``alpha_hat_t = exp(log u_t + emission_t - k_t)`` with ``k_t`` the
-    maximum of ``log u_t + emission_t``, i.e. over the reachable states (``u_t > 0``), so
-    every scale lies in [1, Z] (or is 0 for an impossible sequence)."""
+    differentiates a log-space pass instead).  Without ``save``, an underflow (or an
+    impossible sequence, a scale of 0) reruns the pass with ``safe`` reachable-state shifts
+    (:func:`_safe_forward`).  The low-rank chain normalizes the narrow rank message instead
+    of the (B, Z) message."""
+    if safe:
+        return _safe_forward(pi, emission.detach(), pad, chains, bands), None
     b, t_len, z = emission.shape
     em = emission.detach()
-    if safe:
-        em = em.transpose(0, 1).clone()  # time-major, padding -> 0 (log 1)
-        if pad is not None:
-            em[pad] = 0.0
-        shifts = torch.zeros(t_len, b, dtype=em.dtype, device=em.device)
-    else:
-        e = exp_emission(em, k, pad)
-    scales = torch.empty(t_len, b, dtype=em.dtype, device=em.device)
-    ah_all = torch.empty(t_len, b, z, dtype=em.dtype, device=em.device) if save else None
+    e = exp_emission(em, k, pad)
+    scales = em.new_empty(t_len, b, 1)
+    ah_all = em.new_empty(t_len, b, z) if save else None
     inter = None
     if save:
-        inter = [
-            [em.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains
-        ]
-    tiny = torch.finfo(em.dtype).tiny
-
-    def emit(t: int, u: torch.Tensor) -> torch.Tensor:
-        """``alpha_hat_t`` from ``u_t`` (overwritten)."""
-        if not safe:
-            return u.mul_(e[t])
-        x = u.log_().add_(em[t])
-        kt = x.amax(-1)
-        kt = torch.where(torch.isfinite(kt), kt, 0.0)
-        shifts[t] = kt
-        return x.sub_(kt.unsqueeze(-1)).exp_()
-
-    ah = emit(0, pi.clone())
-    if save:
-        ah_all[0] = ah
-    torch.sum(ah, -1, out=scales[0])
-    for t in range(1, t_len):
-        cs = scales[t - 1].clamp_min(tiny)  # c = 0 only if ah = 0: any divisor keeps 0
-        inter_t = None if inter is None else [[x[t] for x in c] for c in inter]
-        u = _propagate(ah, cs, chains, bands, None if ah_all is None else ah_all[t], inter_t)
-        ah = emit(t, u)
-        torch.sum(ah, -1, out=scales[t])
-    if not safe and bool(scales.min() < underflow_threshold(em.dtype)):
+        inter = [[em.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
+    ah = torch.mul(pi, e[0]) if ah_all is None else torch.mul(pi, e[0], out=ah_all[0])
+    torch.sum(ah, -1, keepdim=True, out=scales[0])
+    if len(chains) == 1 and not bands and [m.dim() for m in chains[0]] == [2, 2]:
+        a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
+        for t in range(1, t_len):
+            m = torch.mm(ah, a) if inter is None else torch.mm(ah, a, out=inter[0][0][t])
+            m.div_(scales[t - 1])  # 0 / 0 after an impossible step: caught below
+            ah = torch.mm(m, ct) if ah_all is None else torch.mm(m, ct, out=ah_all[t])
+            ah.mul_(e[t])
+            torch.sum(ah, -1, keepdim=True, out=scales[t])
+    else:
+        for t in range(1, t_len):
+            inter_t = None if inter is None else [[x[t] for x in c] for c in inter]
+            out = None if ah_all is None else ah_all[t]
+            ah = _propagate(ah, scales[t - 1], chains, bands, out, inter_t).mul_(e[t])
+            torch.sum(ah, -1, keepdim=True, out=scales[t])
+    scales = scales.squeeze(-1)
+    if not scales.min().item() >= underflow_threshold(em.dtype):  # NaN included
         if save:
             return None, None
-        return forward(pi, emission, k, pad, chains, bands, save, safe=True)
-    shift_sum = (shifts if safe else k.t()).sum(0)
-    log_z = _log_scales(scales).sum(0) + shift_sum
+        return _safe_forward(pi, em, pad, chains, bands), None
+    log_z = scales.log().sum(0) + k.sum(1)
     return log_z, ((e, ah_all, scales, inter) if save else None)
 
 
+def _safe_forward(pi, em, pad, chains: Chains, bands: Bands) -> torch.Tensor:
+    """The forward pass with reachable-state shifts: ``alpha_hat_t = exp(log u_t +
+    emission_t - k_t)`` with ``k_t`` the maximum of ``log u_t + emission_t``, i.e. over the
+    states reachable at step t (``u_t > 0``), so every scale lies in [1, Z], or is 0 for an
+    impossible sequence; log p(x) = sum_t (log c_t + k_t)."""
+    t_len, b = em.shape[1], em.shape[0]
+    em = em.transpose(0, 1).clone()  # time-major, padding -> 0 (log 1)
+    if pad is not None:
+        em[pad] = 0.0
+    tiny = torch.finfo(em.dtype).tiny
+    scales = em.new_empty(t_len, b, 1)
+    shifts = em.new_empty(t_len, b, 1)
+    u = pi.clone()
+    for t in range(t_len):
+        if t > 0:
+            u = _propagate(ah, scales[t - 1].clamp_min(tiny), chains, bands, None, None)
+        x = u.log_().add_(em[t])
+        kt = x.amax(-1, keepdim=True)
+        kt = torch.where(torch.isfinite(kt), kt, 0.0)
+        shifts[t] = kt
+        ah = x.sub_(kt).exp_()
+        torch.sum(ah, -1, keepdim=True, out=scales[t])
+    return (scales.log() + shifts).squeeze(-1).sum(0)
+
+
 # ---- backward -------------------------------------------------------------------------------
-def _weight_grad(x: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tensor:
+def _weight_grad(
+    x: torch.Tensor, g: torch.Tensor, batched: bool, like: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum_{t,b} x[t,b]^T g[t,b]`` as one GEMM: x (T, B, m), g (T, B, n) -> (m, n), or per
-    example (B, m, n) for batched matrices."""
+    example (B, m, n) for batched matrices.  If ``like`` (the matrix this is the gradient
+    of) is a transposed view, the result is too (computed as ``(g^T x)^T``), so that the
+    gradient reaches the matrix's producer in its own memory layout."""
+    if like is not None and like.stride(-2) == 1 and like.stride(-1) != 1:
+        return _weight_grad(g, x, batched).transpose(-1, -2)
     if batched:
         return x.permute(1, 2, 0) @ g.transpose(0, 1)
     return x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
@@ -345,11 +359,11 @@ def backward(
     grad_pi = g * e[0] if need_pi else None
     finite = bool(torch.isfinite(g).all())
     ge = None
-    if need_em:
-        ge = g_all.mul_(ah_all)
+    if need_em:  # written batch-major, the emission's own layout
+        ge = torch.mul(g_all.transpose(0, 1), ah_all.transpose(0, 1),
+                       out=e.new_empty(b, t_len, z))
         if pad is not None:
-            ge[pad] = 0.0
-        ge = ge.transpose(0, 1)
+            ge[pad[1], pad[0]] = 0.0
     grads: list[torch.Tensor | None] = []
     if not any_w:
         return grad_pi, ge, [None] * len(need_w), finite
@@ -366,7 +380,7 @@ def backward(
         ins = [prev] + [x[1:] for x in inter[ci]]
         outs = [x[1:] for x in gmid[ci]] + [w_all[1:]]
         for m, x, go in zip(mats, ins, outs, strict=True):
-            grads.append(_weight_grad(x, go, m.dim() == 3) if next(idx) else None)
+            grads.append(_weight_grad(x, go, m.dim() == 3, m) if next(idx) else None)
     for dt, width in bands:
         grads.append(band_weight_grad(prev, w_all[1:], width, dt.dim() == 3) if next(idx) else None)
     finite = finite and all(bool(torch.isfinite(x).all()) for x in grads if x is not None)

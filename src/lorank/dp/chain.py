@@ -90,8 +90,8 @@ def log_partition(
         e, k = _scaled_emission(emission, lengths)
         a_mat, c_t = terms.chains[0]
         return _LowRankForward.apply(pi, a_mat, c_t.transpose(-1, -2), e) + k.sum(1)
-    k = kernel.emission_shift(emission, lengths, emission_max)
     pad = kernel.padding_index(lengths, emission.shape[1])
+    k = kernel.emission_shift(emission, pad, emission_max)
     bands = [(p.transpose(-1, -2).contiguous(), w) for p, w in terms.bands]
     if not grad:
         return kernel.forward(pi, emission, k, pad, terms.chains, bands, save=False)[0]
@@ -361,8 +361,8 @@ def rank_space_log_partition(
         terms = factor.prob_terms()
     a_mat, c_t = terms.chains[0]
     pi = init_logp.exp()
-    k = kernel.emission_shift(emission, lengths, emission_max)
     pad = kernel.padding_index(lengths, emission.shape[1])
+    k = kernel.emission_shift(emission, pad, emission_max)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (pi, emission, a_mat, c_t)
     )
