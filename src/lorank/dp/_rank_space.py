@@ -18,9 +18,11 @@ import torch
 from lorank.dp._scaled_chain import (
     _mm,
     _weight_grad,
+    all_finite,
     exp_emission,
     plain_log_forward,
     underflow_threshold,
+    workspace,
 )
 
 
@@ -47,10 +49,20 @@ def _build(e: torch.Tensor, kr: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
 
 def forward(pi, emission, k, pad, a, ct, max_elements: int, save: bool):
     """``(log p(x) (B,), saved)``; ``saved`` (with ``save``) is ``(e, kr, msgs, scales, M)``
-    (M None if it took several chunks), or None if a scale underflowed."""
+    (M None if it took several chunks), or None if a scale underflowed (also: an impossible
+    sequence), then ``log p(x)`` is None too."""
     b, t_len, z = emission.shape
+    if save:
+        e = exp_emission(emission.detach(), k, pad)
+        return _forward(pi, e, k, a, ct, max_elements, True)
+    with workspace("emission", (t_len, b, z), emission) as buf:
+        e = exp_emission(emission.detach(), k, pad, out=buf)
+        return _forward(pi, e, k, a, ct, max_elements, False)
+
+
+def _forward(pi, e, k, a, ct, max_elements: int, save: bool):
+    t_len, b, z = e.shape
     r = a.shape[-1]
-    e = exp_emission(emission.detach(), k, pad)
     scales = e.new_empty(t_len, b, 1)
     msgs = e.new_empty(t_len, b, r) if save else None
     ah = pi * e[0]
@@ -136,9 +148,7 @@ def backward(gz, pi, a, ct, saved, pad, max_elements: int, need):
             grad_a = torch.zeros_like(a)
         if need_ct:
             grad_ct = torch.zeros_like(ct)
-    finite = bool(torch.isfinite(g0).all())
-    finite = finite and all(bool(torch.isfinite(x).all()) for x in (grad_a, grad_ct)
-                            if x is not None)
+    finite = all_finite([g0, grad_a, grad_ct])
     grad_pi = g0 * e[0] if need_pi else None
     if need_em:
         ge[0] = g0 * (pi * e[0])
