@@ -159,6 +159,19 @@ class Factor:
         factor that does not say."""
         return []
 
+    def _row_softmax(self, phi: torch.Tensor, memo: dict) -> torch.Tensor:
+        """The row log normalizer of potentials ``phi``, its probabilities kept in ``memo``."""
+        own = _Own(*_softmax_parts(phi, -1))
+        memo[("rows", id(self))] = own
+        return own.log_norm
+
+    def _row_probs(self, phi: torch.Tensor, log_norm: torch.Tensor, memo: dict) -> torch.Tensor:
+        """``exp(phi - log_norm)``: the memoized probabilities if ``log_norm`` is phi's own."""
+        p = _own_probs(memo, ("rows", id(self)), log_norm)
+        if p is None:
+            p = (phi - finite_or_zero(log_norm).unsqueeze(-1)).exp()
+        return p
+
     def _log_unnorm_dense(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -279,15 +292,10 @@ class Dense(Factor):
         return lambda x: _bmv(x, p)
 
     def _log_normalizer(self, memo: dict) -> torch.Tensor:
-        own = _Own(*_softmax_parts(self.logits, -1))
-        memo[("dense", id(self))] = own
-        return own.log_norm
+        return self._row_softmax(self.logits, memo)
 
     def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
-        p = _own_probs(memo, ("dense", id(self)), log_norm)
-        if p is None:
-            p = (self.logits - finite_or_zero(log_norm).unsqueeze(-1)).exp()
-        return ProbTerms([[p]], [])
+        return ProbTerms([[self._row_probs(self.logits, log_norm, memo)]], [])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]
@@ -491,15 +499,10 @@ class Banded(Factor):
         return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
 
     def _log_normalizer(self, memo: dict) -> torch.Tensor:
-        own = _Own(*_softmax_parts(self._masked, -1))
-        memo[("banded", id(self))] = own
-        return own.log_norm
+        return self._row_softmax(self._masked, memo)
 
     def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
-        p = _own_probs(memo, ("banded", id(self)), log_norm)
-        if p is None:
-            p = (self._masked - finite_or_zero(log_norm).unsqueeze(-1)).exp()
-        return ProbTerms([], [(p, self.width)])
+        return ProbTerms([], [(self._row_probs(self._masked, log_norm, memo), self.width)])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]

@@ -123,6 +123,12 @@ class _ChainInputs:
             self.terms_grad = torch.is_grad_enabled()
         return self.terms
 
+    def log_partition(self, fn, emission: torch.Tensor, option) -> torch.Tensor:
+        """``fn(init_logp, transition, emission, lengths, option, ...)`` (a chain DP) with the
+        normalized terms and the emission max computed here."""
+        return fn(self.init_logp, self.transition, emission, self.lengths, option,
+                  terms=self.prob_terms(), emission_max=self.emission_max)
+
 
 class HMM:
     """Posterior over state paths of an HMM given the emission log-likelihoods of a sequence.
@@ -160,15 +166,7 @@ class HMM:
 
     # ---- sum-product -------------------------------------------------------------------
     def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
-        return chain.log_partition(
-            self.init_logp,
-            self.transition,
-            emission,
-            self.lengths,
-            self.memory_light,
-            terms=self._inputs.prob_terms(),
-            emission_max=self._inputs.emission_max,
-        )
+        return self._inputs.log_partition(chain.log_partition, emission, self.memory_light)
 
     @cached_property
     def log_partition(self) -> torch.Tensor:
@@ -302,14 +300,8 @@ class RankSpaceHMM:
         self.rank = transition.rank
 
     def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
-        return chain.rank_space_log_partition(
-            self.init_logp,
-            self.transition,
-            emission,
-            self.lengths,
-            self.max_chunk_elements,
-            terms=self._inputs.prob_terms(),
-            emission_max=self._inputs.emission_max,
+        return self._inputs.log_partition(
+            chain.rank_space_log_partition, emission, self.max_chunk_elements
         )
 
     @cached_property

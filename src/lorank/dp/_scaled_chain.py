@@ -140,10 +140,11 @@ def band_apply(
     dt: torch.Tensor,
     width: int,
     out: torch.Tensor | None = None,
+    adjoint: bool = False,
 ) -> torch.Tensor:
-    """``acc + x @ band`` (a new tensor, or ``out``, if ``acc`` is None) with
-    ``band[i, i + o] = dt[o + width, i]``: 2w+1 shifted multiply-adds (x (B, Z), dt (2w+1, Z)
-    or (B, 2w+1, Z))."""
+    """``acc + x @ band`` (``acc + x @ band^T`` if ``adjoint``) with ``band[i, i + o] =
+    dt[o + width, i]``: 2w+1 shifted multiply-adds (x (B, Z), dt (2w+1, Z) or (B, 2w+1, Z)).
+    With ``acc`` None the result is a new tensor (or ``out``)."""
     z = x.shape[-1]
     center = dt[..., width, :]
     if acc is None:
@@ -152,26 +153,8 @@ def band_apply(
         acc.addcmul_(x, center)
     for k, src, dst in _offsets(width, z):
         if k != width:
-            acc[:, dst].addcmul_(x[:, src], dt[..., k, src])
-    return acc
-
-
-def band_apply_t(
-    acc: torch.Tensor | None,
-    g: torch.Tensor,
-    dt: torch.Tensor,
-    width: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``acc + g @ band^T``: the adjoint of :func:`band_apply` (``out`` as there)."""
-    z = g.shape[-1]
-    if acc is None:
-        acc = g * dt[..., width, :] if out is None else torch.mul(g, dt[..., width, :], out=out)
-    else:
-        acc.addcmul_(g, dt[..., width, :])
-    for k, src, dst in _offsets(width, z):
-        if k != width:
-            acc[:, src].addcmul_(g[:, dst], dt[..., k, src])
+            to, frm = (src, dst) if adjoint else (dst, src)
+            acc[:, to].addcmul_(x[:, frm], dt[..., k, src])
     return acc
 
 
@@ -411,7 +394,7 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
                 x.mul_(it)  # gradient w.r.t. the product before its normalization
             beta = _mm(x, mats[0], g_all[t - 1]) if beta is None else _addmm_(beta, x, mats[0])
         for dt, width in bands:
-            beta = band_apply_t(beta, w, dt, width, g_all[t - 1])
+            beta = band_apply(beta, w, dt, width, g_all[t - 1], adjoint=True)
         if alpha_mode:
             beta.mul_(it)
     g = g_all[0]
