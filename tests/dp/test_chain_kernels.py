@@ -278,3 +278,27 @@ def test_float32_rank_space_underflow_falls_back(gen):
         r = RankSpaceHMM(init, LowRank(left, right), e)
         torch.testing.assert_close(r.log_partition.detach().double(), ref, rtol=1e-5, atol=1e-4)
         assert torch.isfinite(r.marginals).all()
+
+
+# ---- scratch buffers and checks ----------------------------------------------------------------
+def test_workspace_reuses_buffers_but_never_shares_them(monkeypatch):
+    like = torch.zeros(1, dtype=F64)
+    with kernel.workspace("test", (3, 4), like) as a:
+        a.fill_(1.0)
+        with kernel.workspace("test", (3, 4), like) as nested:  # in use: a fresh buffer
+            assert nested.data_ptr() != a.data_ptr()
+        ptr = a.data_ptr()
+    with kernel.workspace("test", (2, 5), like) as b:  # the same memory, any shape that fits
+        assert b.data_ptr() == ptr and b.shape == (2, 5)
+    monkeypatch.setattr(kernel, "WORKSPACE_MAX_BYTES", 8 * 11)
+    with kernel.workspace("test", (3, 4), like) as big:  # over the cap: fresh, not kept
+        assert big.data_ptr() != ptr
+    with kernel.workspace("test", (2, 5), like) as c:
+        assert c.data_ptr() == ptr
+
+
+def test_all_finite():
+    assert kernel.all_finite([torch.ones(3), None, torch.zeros(2, 2)])
+    assert kernel.all_finite([])
+    for bad in (math.inf, -math.inf, math.nan):
+        assert not kernel.all_finite([torch.ones(3), torch.tensor([1.0, bad])])
