@@ -206,6 +206,11 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     return fi.tiny / fi.eps
 
 
+def _plain_lowrank(chains: Chains, bands: Bands) -> bool:
+    """One shared two-matrix chain and no band: the loops spell this case out."""
+    return len(chains) == 1 and not bands and [m.dim() for m in chains[0]] == [2, 2]
+
+
 def _needs_alpha(chains: Chains, bands: Bands) -> bool:
     """Whether a step needs the normalized message itself (a band or a one-matrix chain);
     otherwise the normalization is applied to the narrow first product only."""
@@ -285,7 +290,7 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
     scales = e.new_empty(t_len, b, 1)
     ah = torch.mul(pi, e[0]) if ah_all is None else torch.mul(pi, e[0], out=ah_all[0])
     torch.sum(ah, -1, keepdim=True, out=scales[0])
-    if len(chains) == 1 and not bands and [m.dim() for m in chains[0]] == [2, 2]:
+    if _plain_lowrank(chains, bands):
         a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
         for t in range(1, t_len):
             m = torch.mm(ah, a) if inter is None else torch.mm(ah, a, out=inter[0][0][t])
@@ -382,21 +387,33 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
     gmid = [[e.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
     mats_t = [[m.transpose(-1, -2) for m in mats] for mats in chains]
     inv3 = inv.unsqueeze(-1)
-    for t in range(t_len - 1, 0, -1):
-        w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
-        it = inv3[t - 1]
-        beta = None
-        for ci, mats in enumerate(mats_t):
-            x = w
-            for i in range(len(mats) - 1, 0, -1):
-                x = _mm(x, mats[i], out=gmid[ci][i - 1][t])
-            if not alpha_mode:
-                x.mul_(it)  # gradient w.r.t. the product before its normalization
-            beta = _mm(x, mats[0], g_all[t - 1]) if beta is None else _addmm_(beta, x, mats[0])
-        for dt, width in bands:
-            beta = band_apply(beta, w, dt, width, g_all[t - 1], adjoint=True)
-        if alpha_mode:
-            beta.mul_(it)
+    if _plain_lowrank(chains, bands):
+        at, c = mats_t[0]  # the plain LowRank chain, spelled out: the common case
+        q_all = gmid[0][0]
+        for t in range(t_len - 1, 0, -1):
+            w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
+            q = torch.mm(w, c, out=q_all[t])
+            q.mul_(inv3[t - 1])  # gradient w.r.t. the rank product before normalization
+            torch.mm(q, at, out=g_all[t - 1])
+    else:
+        for t in range(t_len - 1, 0, -1):
+            w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
+            it = inv3[t - 1]
+            beta = None
+            for ci, mats in enumerate(mats_t):
+                x = w
+                for i in range(len(mats) - 1, 0, -1):
+                    x = _mm(x, mats[i], out=gmid[ci][i - 1][t])
+                if not alpha_mode:
+                    x.mul_(it)  # gradient w.r.t. the product before its normalization
+                if beta is None:
+                    beta = _mm(x, mats[0], g_all[t - 1])
+                else:
+                    _addmm_(beta, x, mats[0])
+            for dt, width in bands:
+                beta = band_apply(beta, w, dt, width, g_all[t - 1], adjoint=True)
+            if alpha_mode:
+                beta.mul_(it)
     g = g_all[0]
     grad_pi = g * e[0] if need_pi else None
     ge = None
