@@ -367,18 +367,29 @@ def backward(
     any_w = any(need[2])
     pos = scales > 0
     inv = torch.where(pos, 1.0 / torch.where(pos, scales, 1.0), 0.0)  # (T, B)
+    if need[1]:
+        # dL/d alpha_hat lives in the emission gradient's buffer (batch-major, the emission's
+        # layout) and becomes dL/d emission = dL/d alpha_hat * alpha_hat step by step
+        ge = e.new_empty(b, t_len, z)
+        return _with_weights(any_w, gz, pi, e, ah_all, inv, inter, chains, bands, pad, need,
+                             ge.transpose(0, 1), ge)
     with workspace("backward", (t_len, b, z), e) as g_all:
-        if any_w:
-            with workspace("weights", (t_len, b, z), e) as w_all:
-                return _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad,
-                                      need, g_all, w_all)
-        return _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_all,
-                              None)
+        return _with_weights(any_w, gz, pi, e, ah_all, inv, inter, chains, bands, pad, need,
+                             g_all, None)
 
 
-def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_all, w_all):
-    """The body of :func:`backward` with its scratch buffers ``g_all`` (dL/d alpha_hat) and
-    ``w_all`` (dL/du, kept for the weight gradients; None if none is needed)."""
+def _with_weights(any_w, *args):
+    if not any_w:
+        return _backward_loop(*args, None)
+    e = args[2]
+    with workspace("weights", e.shape, e) as w_all:
+        return _backward_loop(*args, w_all)
+
+
+def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_all, ge, w_all):
+    """The body of :func:`backward`: ``g_all`` (T, B, Z) receives dL/d alpha_hat (a view of
+    the emission gradient ``ge``, which it becomes, or scratch); ``w_all`` keeps dL/du for the
+    weight gradients (None if none is needed)."""
     t_len, b, z = e.shape
     need_pi, need_em, need_w = need
     alpha_mode = _needs_alpha(chains, bands)
@@ -392,12 +403,16 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
         q_all = gmid[0][0]
         for t in range(t_len - 1, 0, -1):
             w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
+            if ge is not None:
+                g_all[t].mul_(ah_all[t])
             q = torch.mm(w, c, out=q_all[t])
             q.mul_(inv3[t - 1])  # gradient w.r.t. the rank product before normalization
             torch.mm(q, at, out=g_all[t - 1])
     else:
         for t in range(t_len - 1, 0, -1):
             w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
+            if ge is not None:
+                g_all[t].mul_(ah_all[t])
             it = inv3[t - 1]
             beta = None
             for ci, mats in enumerate(mats_t):
@@ -416,10 +431,8 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
                 beta.mul_(it)
     g = g_all[0]
     grad_pi = g * e[0] if need_pi else None
-    ge = None
-    if need_em:  # written batch-major, the emission's own layout
-        ge = torch.mul(g_all.transpose(0, 1), ah_all.transpose(0, 1),
-                       out=e.new_empty(b, t_len, z))
+    if ge is not None:
+        g.mul_(ah_all[0])
         if pad is not None:
             ge[pad[1], pad[0]] = 0.0
     grads: list[torch.Tensor | None] = []
