@@ -445,3 +445,27 @@ def test_log_prob_rows_refuses_batched_factor():
     f = lorank.Dense(torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="unbatched"):
         f.log_prob_rows(torch.tensor([0]))
+
+
+def test_fused_softmax_gradcheck(gen):
+    """``_Softmax`` (the factors' normalization: log normalizer and probabilities together):
+    gradcheck and gradgradcheck, including an all -inf row (probabilities 0, gradient 0)."""
+    from lorank.factors import _Softmax
+
+    x = torch.randn(4, 5, dtype=F64, generator=gen)
+    x[1, :2] = NEG
+    for dim in (-1, 0):
+        fn = lambda x, dim=dim: _Softmax.apply(x, dim)  # noqa: E731
+        inp = x.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(fn, (inp,))
+        assert torch.autograd.gradgradcheck(fn, (inp,))
+    dead = x.clone()
+    dead[2] = NEG
+    dead.requires_grad_(True)
+    ln, p = _Softmax.apply(dead, -1)
+    assert ln[2] == NEG and p[2].eq(0).all()
+    (g,) = torch.autograd.grad((ln[torch.isfinite(ln)].sum() + (p * p).sum()), dead)
+    assert torch.isfinite(g).all() and g[2].eq(0).all()
+    ref_ln = torch.logsumexp(x, -1)
+    torch.testing.assert_close(_Softmax.apply(x, -1)[0], ref_ln)
+    torch.testing.assert_close(_Softmax.apply(x, -1)[1], x.softmax(-1))
