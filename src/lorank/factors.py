@@ -119,9 +119,14 @@ class _Own(NamedTuple):
 
 
 def _own_probs(memo: dict, key, log_norm: torch.Tensor) -> torch.Tensor | None:
-    """The memoized probabilities if ``log_norm`` is the factor's own normalizer."""
+    """The memoized probabilities renormalized to ``log_norm`` (as is if it is the factor's
+    own normalizer; rescaled by ``exp(own - log_norm)`` for a sum's joint one), or None."""
     own = memo.get(key)
-    return own.probs if own is not None and own.log_norm is log_norm else None
+    if own is None:
+        return None
+    if own.log_norm is log_norm:
+        return own.probs
+    return own.probs * (own.log_norm - finite_or_zero(log_norm)).exp().unsqueeze(-1)
 
 
 class Factor:
@@ -394,7 +399,7 @@ class LowRank(Factor):
         if log_norm is None:
             log_norm = self._log_normalizer(memo)
         a = _own_probs(memo, ("lowrank-a", id(self)), log_norm)
-        if a is None:
+        if a is None:  # no own normalization in the memo
             a = (ls - finite_or_zero(log_norm).unsqueeze(-1)).exp()
         return a, c
 
