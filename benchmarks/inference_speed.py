@@ -496,7 +496,8 @@ def fmt_row(row: dict) -> str:
     r_fb = row["fwdbwd"] / row["fwd_bare"]
     extra = ""
     if "fwd_research" in row:
-        extra = f"  research {row['fwd_research']:.4f}s (lorank/research {row['fwd'] / row['fwd_research']:.2f})"
+        ratio = row["fwd"] / row["fwd_research"]
+        extra = f"  research {row['fwd_research']:.4f}s (lorank/research {ratio:.2f})"
     return (f"{row['section']:5s} {row['kind']:10s} {size:34s} bare {row['fwd_bare']:.4f}s  "
             f"fwd {row['fwd']:.4f}s ({r_f:.2f}x)  fwd+bwd {row['fwdbwd']:.4f}s ({r_fb:.2f}x)  "
             f"|dlogZ| {row['logz_diff']:.1e}{extra}")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from lorank._checks import check_positive_int, check_tensor
-from lorank._numerics import finite_or_zero, safe_log, stable_shift
+from lorank._numerics import finite_or_zero
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]

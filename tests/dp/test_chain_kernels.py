@@ -12,7 +12,7 @@ import torch
 from brute import F64, leaves, random_factor, reference_log_potentials
 
 from lorank import HMM, Banded, Dense, LowRank, RankSpaceHMM
-from lorank.dp import _rank_space, chain
+from lorank.dp import _rank_space
 from lorank.dp import _scaled_chain as kernel
 
 B, T, Z = 3, 5, 4
@@ -36,7 +36,8 @@ def _kernel_inputs(gen, kind, batch, width=1):
 @pytest.mark.parametrize("batch", [None, B], ids=["shared", "batched"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_scaled_chain_gradcheck(gen, kind, batch):
-    pi, em, k, pad, layout, flat = _kernel_inputs(gen, kind, batch, width=2 if "band" in kind else 1)
+    width = 2 if "band" in kind else 1
+    pi, em, k, pad, layout, flat = _kernel_inputs(gen, kind, batch, width=width)
     inputs = [x.detach().clone().requires_grad_(True) for x in (pi, em, *flat)]
 
     def fn(pi, em, *flat):
@@ -140,13 +141,14 @@ def test_inference_path_does_not_run_the_autograd_function(gen, monkeypatch):
     f, _ = leaves(random_factor("lowrank+banded", Z, generator=gen))
     em = torch.randn(B, T, Z, dtype=F64, generator=gen)
     with torch.no_grad():
-        HMM(torch.zeros(Z, dtype=F64), f, em, LENGTHS).log_partition
+        assert HMM(torch.zeros(Z, dtype=F64), f, em, LENGTHS).log_partition.shape == (B,)
     fl, _ = leaves(random_factor("lowrank", Z, generator=gen))
     with torch.no_grad():
-        RankSpaceHMM(torch.zeros(Z, dtype=F64), fl, em, LENGTHS).log_partition
-    HMM(torch.zeros(Z, dtype=F64), random_factor("dense", Z, generator=gen), em).log_partition
+        assert RankSpaceHMM(torch.zeros(Z, dtype=F64), fl, em, LENGTHS).log_partition.shape == (B,)
+    dense = random_factor("dense", Z, generator=gen)
+    assert HMM(torch.zeros(Z, dtype=F64), dense, em).log_partition.shape == (B,)
     with pytest.raises(AssertionError, match="autograd Function ran"):
-        HMM(torch.zeros(Z, dtype=F64), f, em).log_partition  # sanity: grad mode uses it
+        _ = HMM(torch.zeros(Z, dtype=F64), f, em).log_partition  # sanity: grad mode uses it
 
 
 def test_normalizer_computed_once(gen, monkeypatch):
@@ -168,10 +170,11 @@ def test_normalizer_computed_once(gen, monkeypatch):
     em = torch.randn(B, T, Z, dtype=F64, generator=gen)
     for hmm in (HMM, RankSpaceHMM):
         calls.clear()
-        hmm(torch.zeros(Z, dtype=F64), f, em, LENGTHS).log_partition
+        assert hmm(torch.zeros(Z, dtype=F64), f, em, LENGTHS).log_partition.shape == (B,)
         assert calls == [(Z, 2), (Z, 2)], hmm
     calls.clear()
-    HMM(torch.zeros(Z, dtype=F64), f + Banded(torch.zeros(Z, 3, dtype=F64), 1), em).log_partition
+    band = f + Banded(torch.zeros(Z, 3, dtype=F64), 1)
+    assert HMM(torch.zeros(Z, dtype=F64), band, em).log_partition.shape == (B,)
     assert calls == [(Z, 2), (Z, 2), (Z, 3)]
 
 

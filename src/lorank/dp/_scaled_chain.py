@@ -16,11 +16,12 @@ with ``alpha_t = alpha_hat_t / c_t`` and ``log p(x) = sum_t (log c_t + k_t)``.  
   messages ``alpha_hat`` (T, B, Z) and the rank messages (T, B, R); its backward runs the
   backward algorithm with the weight gradients gathered into one GEMM per matrix after the
   time loop, and returns the emission gradient (the posterior marginals) directly.
-* Shifts: ``k_t`` is the step's largest emission (one reduction, reused by the input check).
-  If a scale falls below ``tiny / eps`` (float32: the reachable states' emissions all lie
-  ~87 below the step's maximum, e.g. a sparse band with extreme emissions), the forward is
-  rerun with ``k_t`` the maximum over the *reachable* states (``u_t > 0``), so no step can
-  underflow to zero.
+* Shifts: ``k_t`` is the step's largest emission (one reduction, shared with the input
+  check).  If a scale falls below ``tiny / eps`` (float32: every reachable state's emission
+  lies ~87 nats below the step's maximum, e.g. a sparse band with extreme emissions), the value
+  is recomputed with ``k_t`` the maximum over the *reachable* states of ``log u_t + emission_t``
+  (every scale then lies in [1, Z]) and the gradient differentiates a log-space pass
+  (:func:`plain_log_forward`), as it does when the backward messages overflow.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ _local = threading.local()
 @contextmanager
 def workspace(name: str, shape: tuple[int, ...], like: torch.Tensor):
     """A scratch buffer of ``shape`` that never leaves the ``with`` block, reused across
-    calls: a fresh multi-megabyte allocation is backed by new pages, and faulting them in
-    cost ~20% of a small chain's forward+backward.  Kept per thread and ``name`` (a nested
-    use of the same name gets a fresh buffer); larger than ``WORKSPACE_MAX_BYTES``: fresh."""
+    calls (a fresh multi-megabyte allocation is backed by new pages that must be faulted in,
+    which shows at small sizes).  Kept per thread and ``name`` (a nested use of the same name
+    gets a fresh buffer); larger than ``WORKSPACE_MAX_BYTES``: fresh, not kept."""
     numel = math.prod(shape)
     if numel * like.element_size() > WORKSPACE_MAX_BYTES:
         yield like.new_empty(shape)
@@ -122,7 +123,7 @@ def _addmm_(acc: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor
 
 
 def _offsets(width: int, z: int):
-    """``(k, o, src, dst)`` per band column k with offset ``o = k - width``: the slices with
+    """``(k, src, dst)`` per band column k with offset ``o = k - width``: the slices with
     ``dst = src + o`` inside [0, Z)."""
     for k in range(2 * width + 1):
         o = k - width
@@ -184,7 +185,8 @@ def band_weight_grad(
         av = a.as_strided((nb, block, n), (block, 1, z))  # blocks of alpha^T
         wv = wp.as_strided((nb, n, block + 2 * width), (block, zp, 1))
         prod = torch.bmm(av, wv)  # (nb, block, block + 2w): prod[., i, j] pairs i, i + j - w
-        diag = prod.as_strided((nb, block, k), (block * (block + 2 * width), block + 2 * width + 1, 1))
+        cols = block + 2 * width
+        diag = prod.as_strided((nb, block, k), (block * cols, cols + 1, 1))
         out[:, : nb * block] = diag.reshape(nb * block, k).t()
     for i in range(nb * block, z):  # the last z % block states
         out[:, i] = a[:, i] @ wp[:, i : i + k]
@@ -319,9 +321,11 @@ def _safe_forward(pi, em, pad, chains: Chains, bands: Bands) -> torch.Tensor:
     tiny = torch.finfo(em.dtype).tiny
     scales = em.new_empty(t_len, b, 1)
     shifts = em.new_empty(t_len, b, 1)
-    u = pi.clone()
+    ah = None
     for t in range(t_len):
-        if t > 0:
+        if ah is None:
+            u = pi.clone()
+        else:
             u = _propagate(ah, scales[t - 1].clamp_min(tiny), chains, bands, None, None)
         x = u.log_().add_(em[t])
         kt = x.amax(-1, keepdim=True)
