@@ -93,13 +93,15 @@ class _Softmax(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         dim = ctx.dim
         if g_p is None:
-            g = torch.zeros_like(p)
-        else:
-            g_p = g_p.contiguous()  # a transposed gradient makes every product below strided
-            g = g_p - (g_p * p).sum(dim, keepdim=True)
+            return p * g_norm.unsqueeze(dim), None
+        g_p = g_p.contiguous()  # a transposed gradient makes every product below strided
+        gp = g_p * p
+        t = gp.sum(dim, keepdim=True)
         if g_norm is not None:
-            g = g + g_norm.unsqueeze(dim)
-        return g * p, None
+            t = t - g_norm.unsqueeze(dim)
+        if torch.is_grad_enabled():  # create_graph: out of place, differentiable
+            return gp - p * t, None
+        return gp.addcmul_(p, t, value=-1.0), None
 
 
 def _softmax_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
