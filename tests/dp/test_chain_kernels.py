@@ -300,6 +300,26 @@ def test_workspace_reuses_buffers_but_never_shares_them(monkeypatch):
         assert c.data_ptr() == ptr
 
 
+def test_inference_mode_and_no_grad_calls_mix(gen):
+    """Regression: a scratch buffer made under inference_mode was reused outside it
+    ("Inplace update to inference tensor outside InferenceMode")."""
+    f = random_factor("lowrank+banded", Z, generator=gen)
+    em = torch.randn(B, T, Z, dtype=F64, generator=gen)
+    outs = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode():
+            e = em.clone().requires_grad_(mode is torch.enable_grad)
+            h = HMM(torch.zeros(Z, dtype=F64), f, e, LENGTHS)
+            outs.append(h.log_partition.detach().clone())
+            if mode is torch.enable_grad:
+                h.log_partition.sum().backward()
+            fl = random_factor("lowrank", Z, generator=torch.Generator().manual_seed(1))
+            r = RankSpaceHMM(torch.zeros(Z, dtype=F64), fl, em, LENGTHS).log_partition
+            assert torch.isfinite(r).all()
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
 def test_all_finite():
     assert kernel.all_finite([torch.ones(3), None, torch.zeros(2, 2)])
     assert kernel.all_finite([])

@@ -57,7 +57,8 @@ def workspace(name: str, shape: tuple[int, ...], like: torch.Tensor):
         yield like.new_empty(shape)
         return
     cache = _local.__dict__.setdefault("buffers", {})
-    key = (name, like.dtype, like.device)
+    # a buffer made under inference_mode cannot be written outside it
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
     buf = cache.pop(key, None)
     if buf is None or buf.numel() < numel:
         buf = like.new_empty(numel)
