@@ -638,8 +638,10 @@ def plot(rows, path: Path) -> None:
     axes[1].set(title="HSMM and PCFG: time relative to the bare loop", ylabel="ratio")
     axes[1].legend(fontsize=7)
     tr = [r for r in rows if r["section"] == "train"]
-    axes[2].bar([r["kind"] for r in tr], [r["tokens_per_s"] for r in tr])
-    axes[2].set(title="LM training step (Z=1024, 4096 tokens)", ylabel="tokens / s")
+    if tr:
+        axes[2].bar([r["kind"] for r in tr], [r["tokens_per_s"] for r in tr])
+        axes[2].set(title=f"LM training step (Z={tr[0]['Z']}, {tr[0]['B'] * tr[0]['T']} "
+                          "tokens)", ylabel="tokens / s")
     fig.suptitle(machine_description(), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
