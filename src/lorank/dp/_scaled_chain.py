@@ -26,6 +26,7 @@ with ``alpha_t = alpha_hat_t / c_t`` and ``log p(x) = sum_t (log c_t + k_t)``.  
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from contextlib import contextmanager
@@ -123,17 +124,20 @@ def _addmm_(acc: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     return acc
 
 
-def _offsets(width: int, z: int):
+@functools.lru_cache(maxsize=64)
+def _offsets(width: int, z: int) -> tuple[tuple[int, slice, slice], ...]:
     """``(k, src, dst)`` per band column k with offset ``o = k - width``: the slices with
-    ``dst = src + o`` inside [0, Z)."""
+    ``dst = src + o`` inside [0, Z) (cached: the step loops ask for them every step)."""
+    out = []
     for k in range(2 * width + 1):
         o = k - width
         if abs(o) >= z:
             continue
         if o >= 0:
-            yield k, slice(0, z - o), slice(o, z)
+            out.append((k, slice(0, z - o), slice(o, z)))
         else:
-            yield k, slice(-o, z), slice(0, z + o)
+            out.append((k, slice(-o, z), slice(0, z + o)))
+    return tuple(out)
 
 
 def band_apply(
