@@ -567,14 +567,17 @@ def table(rows: list[dict], peak: float) -> list[str]:
     return lines
 
 
-def write_results(rows, peak, args, wall_s: float) -> None:
+def write_results(rows, peak, args, wall_s: float, command: str | None = None,
+                  machine: str | None = None) -> None:
     section = [
         BEGIN,
         "# Inference speed: lorank against bare reference loops",
         "",
-        f"Machine: {machine_description()}; square float32 matmul: {peak:.1f} GFLOP/s.",
+        f"Machine: {machine or machine_description()}; square float32 matmul: {peak:.1f} "
+        "GFLOP/s.",
         "",
-        f"Command: `python benchmarks/inference_speed.py {' '.join(args.argv)}` "
+        f"Command: `python benchmarks/inference_speed.py "
+        f"{' '.join(args.argv) if command is None else command}` "
         f"(wall time {wall_s / 60:.1f} min).",
         "",
         "Each lorank call is timed next to a bare reference written in the benchmark (same "
@@ -582,9 +585,10 @@ def write_results(rows, peak, args, wall_s: float) -> None:
         "interleaved, best time kept.  `fwd` runs under `torch.no_grad()`; `fwd+bwd` has "
         "every parameter and the emissions require grad and calls `backward()`, and its ratio "
         "is against the bare *forward*.  GFLOP/s counts the nominal GEMM work of the forward "
-        "(HMM only).  `research fwd` is the paper's LHMM recursion (`BLHmmLm.compute_rff_loss` "
-        "of github.com/justinchiu/low-rank-models, imported from a checkout, given normalized "
-        "features) on the same inputs.",
+        "(HMM only).  `research fwd` is the paper's LHMM forward on the same inputs: the "
+        "feature normalization of its `compute_rff_parameters` (written in the benchmark) and "
+        "its recursion `BLHmmLm.compute_rff_loss`, imported from a checkout of "
+        "github.com/justinchiu/low-rank-models (`--research-code`).",
         "",
         "## Targets (this run)",
         "",
@@ -608,7 +612,7 @@ def write_results(rows, peak, args, wall_s: float) -> None:
     print(f"wrote {path}")
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows, path: Path, machine: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,7 +648,7 @@ def plot(rows, path: Path) -> None:
         axes[2].bar([r["kind"] for r in tr], [r["tokens_per_s"] for r in tr])
         axes[2].set(title=f"LM training step (Z={tr[0]['Z']}, {tr[0]['B'] * tr[0]['T']} "
                           "tokens)", ylabel="tokens / s")
-    fig.suptitle(machine_description(), fontsize=8)
+    fig.suptitle(machine or machine_description(), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -664,9 +668,19 @@ def main(argv=None) -> int:
                     help="checkout of github.com/justinchiu/low-rank-models")
     ap.add_argument("--train-reps", type=int, default=3)
     ap.add_argument("--out-dir", type=Path, default=HERE)
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="rewrite the RESULTS.md section and plot from a saved run, no timing")
     argv = list(argv) if argv is not None else sys.argv[1:]
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        for line in acceptance(saved["rows"]):
+            print(line)
+        plot(saved["rows"], args.out_dir / "inference_speed.png", saved["machine"])
+        write_results(saved["rows"], saved["matmul_gflops"], args, saved["wall_s"],
+                      saved["command"], saved["machine"])
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
