@@ -154,6 +154,38 @@ def test_prob_matrices_multiply_to_the_transition(gen):
             assert random_factor(kind, Z, batch=batch, generator=gen).prob_matrices() is None
 
 
+def _band_dense(probs: torch.Tensor, width: int) -> torch.Tensor:
+    """The (…, Z, Z) matrix with ``out[i, i + k - width] = probs[i, k]`` (by loops)."""
+    z = probs.shape[-2]
+    out = probs.new_zeros(*probs.shape[:-2], z, z)
+    for i in range(z):
+        for k in range(2 * width + 1):
+            j = i + k - width
+            if 0 <= j < z:
+                out[..., i, j] = probs[..., i, k]
+    return out
+
+
+def test_prob_terms_add_up_to_the_transition(factors):
+    """``normalize()`` gives the log normalizer and terms (matrix chains + bands) whose sum
+    is ``P``; every entry is a probability."""
+    for name, f in factors.items():
+        log_norm, terms = f.normalize()
+        torch.testing.assert_close(log_norm, f.log_normalizer(), msg=name)
+        total = 0
+        for mats in terms.chains:
+            prod = mats[0]
+            for m in mats[1:]:
+                prod = prod @ m
+            total = total + prod
+        for probs, width in terms.bands:
+            total = total + _band_dense(probs, width)
+        torch.testing.assert_close(total.expand_as(f.to_dense()), f.to_dense(), msg=name)
+        assert all(((t >= 0) & (t <= 1)).all() for t in terms.tensors()), name
+        assert len(f.tensors()) == len(factor_tensors(f))
+        assert all(a is b for a, b in zip(f.tensors(), factor_tensors(f), strict=True))
+
+
 def test_lowrank_stochastic_factors(gen):
     for batch in (None, B):
         f = random_factor("lowrank", Z, batch=batch, rank=3, scale=5.0, generator=gen)
@@ -413,3 +445,27 @@ def test_log_prob_rows_refuses_batched_factor():
     f = lorank.Dense(torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="unbatched"):
         f.log_prob_rows(torch.tensor([0]))
+
+
+def test_fused_softmax_gradcheck(gen):
+    """``_Softmax`` (the factors' normalization: log normalizer and probabilities together):
+    gradcheck and gradgradcheck, including an all -inf row (probabilities 0, gradient 0)."""
+    from lorank.factors import _Softmax
+
+    x = torch.randn(4, 5, dtype=F64, generator=gen)
+    x[1, :2] = NEG
+    for dim in (-1, 0):
+        fn = lambda x, dim=dim: _Softmax.apply(x, dim)  # noqa: E731
+        inp = x.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(fn, (inp,))
+        assert torch.autograd.gradgradcheck(fn, (inp,))
+    dead = x.clone()
+    dead[2] = NEG
+    dead.requires_grad_(True)
+    ln, p = _Softmax.apply(dead, -1)
+    assert ln[2] == NEG and p[2].eq(0).all()
+    (g,) = torch.autograd.grad((ln[torch.isfinite(ln)].sum() + (p * p).sum()), dead)
+    assert torch.isfinite(g).all() and g[2].eq(0).all()
+    ref_ln = torch.logsumexp(x, -1)
+    torch.testing.assert_close(_Softmax.apply(x, -1)[0], ref_ln)
+    torch.testing.assert_close(_Softmax.apply(x, -1)[1], x.softmax(-1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -12,8 +14,10 @@ def check_tensor(
     ndim: int | tuple[int, ...] | None = None,
     floating: bool = True,
     allow_neg_inf: bool = True,
+    values: bool = True,
 ) -> torch.Tensor:
-    """Raise a clear error unless ``x`` is a tensor of the right rank, float dtype and no NaN."""
+    """Raise a clear error unless ``x`` is a tensor of the right rank, float dtype and (if
+    ``values``) free of NaN and +inf."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None:
@@ -23,15 +27,38 @@ def check_tensor(
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-    if floating:
-        if torch.isnan(x).any():
-            n = int(torch.isnan(x).sum())
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains {n} NaN value(s)")
-        if torch.isposinf(x).any():
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains +inf")
-        if not allow_neg_inf and torch.isneginf(x).any():
-            raise ValueError(f"{name} (shape {tuple(x.shape)}) contains -inf")
+    if floating and values:
+        check_values(name, x, allow_neg_inf=allow_neg_inf)
     return x
+
+
+def check_values(
+    name: str, x: torch.Tensor, *, allow_neg_inf: bool = True, reduced: torch.Tensor | None = None
+) -> None:
+    """Raise if ``x`` holds NaN or +inf (or -inf unless ``allow_neg_inf``), in one pass.
+
+    One max reduction finds both (NaN propagates through max, +inf is the max); the detailed
+    count runs only when it fails.  ``reduced``: a max of ``x`` over some dimensions that the
+    caller computed anyway (e.g. the per-step emission max), which then costs no pass at all.
+    """
+    if not x.numel():
+        return
+    if allow_neg_inf:
+        top = (x if reduced is None else reduced).detach().amax()
+        if top.item() < math.inf:  # False for NaN
+            return
+    else:
+        lo, top = torch.aminmax(x.detach())
+        if top.item() < math.inf and lo.item() > -math.inf:
+            return
+    x = x.detach()
+    if torch.isnan(x).any():
+        n = int(torch.isnan(x).sum())
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains {n} NaN value(s)")
+    if torch.isposinf(x).any():
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains +inf")
+    if not allow_neg_inf and torch.isneginf(x).any():
+        raise ValueError(f"{name} (shape {tuple(x.shape)}) contains -inf")
 
 
 def check_lengths(lengths: object, batch: int, max_len: int, device: torch.device) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,23 @@ from lorank._numerics import finite_or_zero
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ProbTerms(NamedTuple):
+    """A row-stochastic ``P`` as a sum of terms that the chain kernel multiplies directly.
+
+    ``P = sum_k (M_k1 @ M_k2 @ ...) + sum_b band_b``: ``chains`` lists the matrix products
+    (Dense: ``[[P]]``, LowRank: ``[[A, C^T]]``), each matrix (n_in, n_out) or batched
+    (B, n_in, n_out); ``bands`` lists ``(probs, width)`` with probs (*batch, Z, 2*width+1) the
+    band entries ``P[i, i + k - width]`` (0 where that column falls outside [0, Z)).
+    """
+
+    chains: list[list[torch.Tensor]]
+    bands: list[tuple[torch.Tensor, int]]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the terms, chains first (the order the chain kernel takes them)."""
+        return [m for c in self.chains for m in c] + [p for p, _ in self.bands]
 
 
 def _bmv(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -50,6 +68,69 @@ def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 
 
+def _softmax_plain(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_softmax_parts` without autograd: five passes, in place."""
+    m = torch.nan_to_num(x.amax(dim, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    ex = (x - m).exp_()
+    tot = ex.sum(dim, keepdim=True)
+    log_norm = tot.log().add_(m).squeeze(dim)  # log 0 = -inf: an all -inf slice
+    return log_norm, ex.div_(tot.clamp_min_(torch.finfo(x.dtype).tiny))
+
+
+class _Softmax(torch.autograd.Function):
+    """``(logsumexp(x, dim), softmax(x, dim))`` with a fused backward,
+    ``dx = P (dP - sum(dP P) + d logsumexp)`` (0 on an all -inf slice)."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        log_norm, p = _softmax_plain(x.detach(), dim)
+        ctx.save_for_backward(p)
+        ctx.dim = dim
+        return log_norm, p
+
+    @staticmethod
+    def backward(ctx, g_norm, g_p):
+        (p,) = ctx.saved_tensors
+        dim = ctx.dim
+        if g_p is None:
+            return p * g_norm.unsqueeze(dim), None
+        g_p = g_p.contiguous()  # a transposed gradient makes every product below strided
+        gp = g_p * p
+        t = gp.sum(dim, keepdim=True)
+        if g_norm is not None:
+            t = t - g_norm.unsqueeze(dim)
+        if torch.is_grad_enabled():  # create_graph: out of place, differentiable
+            return gp - p * t, None
+        return gp.addcmul_(p, t, value=-1.0), None
+
+
+def _softmax_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp(x, dim), exp(x - logsumexp))`` from one exponential: the log normalizer
+    (-inf for an all -inf slice, as :func:`safe_logsumexp`) and the normalized probabilities
+    (0 for such a slice), with a fused backward."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Softmax.apply(x, dim)
+    return _softmax_plain(x, dim)
+
+
+class _Own(NamedTuple):
+    """A factor's own normalization, kept in a ``normalize()`` memo."""
+
+    log_norm: torch.Tensor
+    probs: torch.Tensor
+
+
+def _own_probs(memo: dict, key, log_norm: torch.Tensor) -> torch.Tensor | None:
+    """The memoized probabilities renormalized to ``log_norm`` (as is if it is the factor's
+    own normalizer; rescaled by ``exp(own - log_norm)`` for a sum's joint one), or None."""
+    own = memo.get(key)
+    if own is None:
+        return None
+    if own.log_norm is log_norm:
+        return own.probs
+    return own.probs * (own.log_norm - finite_or_zero(log_norm)).exp().unsqueeze(-1)
+
+
 class Factor:
     """Base class of transition factors (row-normalized nonnegative Z x Z matrices)."""
 
@@ -69,6 +150,34 @@ class Factor:
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         """Log-space version of :meth:`_prob_operator`."""
         raise NotImplementedError
+
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        """:meth:`log_normalizer`, leaving in ``memo`` what :meth:`_prob_terms` can reuse."""
+        return self.log_normalizer()
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+        """``P`` as :class:`ProbTerms` with the row normalizer ``log_norm`` (-inf rows are
+        treated as 0); None if the factor has no such form (the chain then uses
+        :meth:`prob_operator`)."""
+        return None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that define the factor (to ask whether any requires grad); [] for a
+        factor that does not say."""
+        return []
+
+    def _row_softmax(self, phi: torch.Tensor, memo: dict) -> torch.Tensor:
+        """The row log normalizer of potentials ``phi``, its probabilities kept in ``memo``."""
+        own = _Own(*_softmax_parts(phi, -1))
+        memo[("rows", id(self))] = own
+        return own.log_norm
+
+    def _row_probs(self, phi: torch.Tensor, log_norm: torch.Tensor, memo: dict) -> torch.Tensor:
+        """``exp(phi - log_norm)``: the memoized probabilities if ``log_norm`` is phi's own."""
+        p = _own_probs(memo, ("rows", id(self)), log_norm)
+        if p is None:
+            p = (phi - finite_or_zero(log_norm).unsqueeze(-1)).exp()
+        return p
 
     def _log_unnorm_dense(self) -> torch.Tensor:
         raise NotImplementedError
@@ -103,7 +212,22 @@ class Factor:
     def prob_matrices(self) -> list[torch.Tensor] | None:
         """``[M_1, ..., M_k]`` with ``P = M_1 @ ... @ M_k`` (Dense: ``[P]``, LowRank:
         ``[A, C^T]``), each (Z_in, Z_out) or batched; None if the factor is not such a chain."""
-        return None
+        terms = self.prob_terms()
+        if terms is None or terms.bands or len(terms.chains) != 1:
+            return None
+        return terms.chains[0]
+
+    def prob_terms(self) -> ProbTerms | None:
+        """``P`` as a sum of matrix chains and bands (:class:`ProbTerms`); None for factors
+        without such a form."""
+        return self.normalize()[1]
+
+    def normalize(self) -> tuple[torch.Tensor, ProbTerms | None]:
+        """``(log_normalizer(), prob_terms())`` with every shared piece computed once (for
+        ``LowRank`` the column log-sums and ``left + s``, as a bare implementation would)."""
+        memo: dict = {}
+        log_norm = self._log_normalizer(memo)
+        return log_norm, self._prob_terms(log_norm, memo)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
@@ -174,8 +298,14 @@ class Dense(Factor):
         p = (self.logits - log_norm.unsqueeze(-1)).exp()
         return lambda x: _bmv(x, p)
 
-    def prob_matrices(self) -> list[torch.Tensor]:
-        return [self.to_dense()]
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        return self._row_softmax(self.logits, memo)
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        return ProbTerms([[self._row_probs(self.logits, log_norm, memo)]], [])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.logits]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         lp = self.logits - log_norm.unsqueeze(-1)
@@ -245,19 +375,34 @@ class LowRank(Factor):
         """``s[r] = log sum_j exp(right[j, r])``: (*batch, R)."""
         return safe_logsumexp(self.right, dim=-2)
 
+    def _parts(self, memo: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(s, C, left + s)`` with C = exp(right - s), computed once per ``memo``."""
+        key = ("lowrank", id(self))
+        if key not in memo:
+            s, c = _softmax_parts(self.right, -2)
+            memo[key] = (s, c, self.left + s.unsqueeze(-2))
+        return memo[key]
+
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        own = _Own(*_softmax_parts(self._parts(memo)[2], -1))
+        memo[("lowrank-a", id(self))] = own
+        return own.log_norm
+
     def log_normalizer(self) -> torch.Tensor:
         return safe_logsumexp(self.left + self._column_lse().unsqueeze(-2), dim=-1)
 
-    def stochastic_factors(self, log_norm: torch.Tensor | None = None):
+    def stochastic_factors(self, log_norm: torch.Tensor | None = None, memo: dict | None = None):
         """``(A, C)`` with ``P = A @ C.mT``: A (Z, R) row-stochastic, C (Z, R) columns sum to 1.
 
         With a larger ``log_norm`` (a joint normalizer of a sum), A's rows sum to less than 1.
         """
-        s = self._column_lse()
+        memo = {} if memo is None else memo
+        _, c, ls = self._parts(memo)
         if log_norm is None:
-            log_norm = safe_logsumexp(self.left + s.unsqueeze(-2), dim=-1)
-        a = (self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)).exp()
-        c = (self.right - finite_or_zero(s).unsqueeze(-2)).exp()
+            log_norm = self._log_normalizer(memo)
+        a = _own_probs(memo, ("lowrank-a", id(self)), log_norm)
+        if a is None:  # no own normalization in the memo
+            a = (ls - finite_or_zero(log_norm).unsqueeze(-1)).exp()
         return a, c
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
@@ -265,9 +410,12 @@ class LowRank(Factor):
         ct = c.transpose(-1, -2)
         return lambda x: _bmv(_bmv(x, a), ct)
 
-    def prob_matrices(self) -> list[torch.Tensor]:
-        a, c = self.stochastic_factors()
-        return [a, c.transpose(-1, -2)]
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        a, c = self.stochastic_factors(log_norm, memo)
+        return ProbTerms([[a, c.transpose(-1, -2)]], [])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.left, self.right]
 
     def _log_operator(self, log_norm: torch.Tensor) -> Operator:
         s = self._column_lse()
@@ -357,6 +505,15 @@ class Banded(Factor):
         band = self._masked - log_norm.unsqueeze(-1)
         return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        return self._row_softmax(self._masked, memo)
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+        return ProbTerms([], [(self._row_probs(self._masked, log_norm, memo), self.width)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.logits]
+
     def _log_unnorm_dense(self) -> torch.Tensor:
         z, w = self.num_states, self.width
         out = self._masked.new_full((*self.batch_shape, z, z + 2 * w), -math.inf)
@@ -422,9 +579,13 @@ class Sum(Factor):
     def dtype(self) -> torch.dtype:
         return self.parts[0].dtype
 
+    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+        norms = [p._log_normalizer(memo) for p in self.parts]
+        return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
+
     def log_normalizer(self) -> torch.Tensor:
-        return torch.stack(torch.broadcast_tensors(*[p.log_normalizer() for p in self.parts]))\
-            .logsumexp(0)
+        norms = [p.log_normalizer() for p in self.parts]
+        return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
 
     def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
         ops = [p._prob_operator(log_norm) for p in self.parts]
@@ -437,6 +598,20 @@ class Sum(Factor):
             return safe_logsumexp(torch.stack([op(lx) for op in ops]), 0)
 
         return apply
+
+    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+        chains: list[list[torch.Tensor]] = []
+        bands: list[tuple[torch.Tensor, int]] = []
+        for p in self.parts:
+            terms = p._prob_terms(log_norm, memo)
+            if terms is None:
+                return None
+            chains += terms.chains
+            bands += terms.bands
+        return ProbTerms(chains, bands)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts for t in p.tensors()]
 
     def _combine(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return safe_logsumexp(torch.stack(torch.broadcast_tensors(*xs)), 0)

@@ -6,26 +6,24 @@ from functools import cached_property
 
 import torch
 
-from lorank._checks import check_lengths, check_positive_int, check_tensor
+from lorank._checks import check_lengths, check_positive_int, check_tensor, check_values
 from lorank.dp import chain
 from lorank.factors import Factor, LowRank
 from lorank.semiring import EntropySemiring
 
 
-def prepare_chain_inputs(
-    init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate chain-model inputs (HMM, HSMM); return (init_logp (B, Z), lengths (B,))."""
+def _check_structure(init: torch.Tensor, transition: Factor, emission: torch.Tensor) -> None:
+    """Types, shapes and dtypes of chain-model inputs (no pass over their values)."""
     if not isinstance(transition, Factor):
         raise TypeError(
             "transition must be a lorank factor (Dense, LowRank, Banded or a sum), "
             f"got {type(transition).__name__}"
         )
-    check_tensor("emission", emission, ndim=3)
+    check_tensor("emission", emission, ndim=3, values=False)
     b, t_len, z = emission.shape
     if t_len < 1:
         raise ValueError(f"emission must have at least one time step, got shape {(b, t_len, z)}")
-    check_tensor("init", init, ndim=(1, 2))
+    check_tensor("init", init, ndim=(1, 2), values=False)
     if init.shape[-1] != z or (init.dim() == 2 and init.shape[0] != b):
         raise ValueError(
             f"init must have shape ({z},) or ({b}, {z}) to match emission {tuple(emission.shape)}, "
@@ -47,18 +45,37 @@ def prepare_chain_inputs(
             f"a batched transition must have batch shape ({b},) to match emission "
             f"{tuple(emission.shape)}, got {tuple(transition.batch_shape)}"
         )
+
+
+def _check_init_values(init: torch.Tensor) -> None:
+    check_values("init", init)
     if init.numel() and torch.isneginf(init).all(-1).any():
         raise ValueError(f"init (shape {tuple(init.shape)}) has a row that is all -inf")
+
+
+def prepare_chain_inputs(
+    init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate chain-model inputs (HMM, HSMM); return (init_logp (B, Z), lengths (B,)).
+
+    One max-reduction per tensor finds NaN and +inf (:func:`lorank._checks.check_values`)."""
+    _check_structure(init, transition, emission)
+    check_values("emission", emission)
+    _check_init_values(init)
+    b, t_len, z = emission.shape
     lengths = check_lengths(lengths, b, t_len, emission.device)
     init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
     return init_logp, lengths
 
 
-def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, lengths):
-    """Validate the HMM inputs; return (init_logp (B, Z), lengths (B,))."""
-    init_logp, lengths = prepare_chain_inputs(init, transition, emission, lengths)
-    with torch.no_grad():
-        dead = torch.isneginf(transition.log_normalizer())
+def _unchecked_lengths(lengths, b: int, t_len: int, device: torch.device) -> torch.Tensor:
+    if lengths is None:
+        return torch.full((b,), t_len, dtype=torch.long, device=device)
+    return torch.as_tensor(lengths).to(device=device, dtype=torch.long)
+
+
+def _check_dead_rows(log_norm: torch.Tensor) -> None:
+    dead = torch.isneginf(log_norm.detach())
     if dead.any():
         # padding relies on every row of P summing to one (padded steps keep the mass)
         states = sorted({int(i) for i in dead.nonzero()[:, -1]})
@@ -66,7 +83,51 @@ def _prepare(init: torch.Tensor, transition: Factor, emission: torch.Tensor, len
             f"transition has states with no successor (all -inf potentials in their row): "
             f"{states[:10]}; every row of the transition must have a finite entry"
         )
-    return init_logp, lengths
+
+
+class _ChainInputs:
+    """Validated HMM inputs with the pieces the forward pass reuses: the per-step emission
+    max (one pass, also the NaN/+inf check) and the normalized transition terms (the
+    normalizer computed once, also the dead-row check)."""
+
+    def __init__(self, init, transition, emission, lengths, validate_args: bool):
+        _check_structure(init, transition, emission)
+        b, t_len, z = emission.shape
+        self.transition = transition
+        self.terms = None
+        self.terms_grad = False
+        self.emission_max = None
+        if validate_args:
+            with torch.no_grad():
+                self.emission_max = emission.detach().amax(-1)
+            check_values("emission", emission, reduced=self.emission_max)
+            _check_init_values(init)
+            self.lengths = check_lengths(lengths, b, t_len, emission.device)
+            log_norm, self.terms = transition.normalize()
+            self.terms_grad = torch.is_grad_enabled()
+            _check_dead_rows(log_norm)
+        else:
+            self.lengths = _unchecked_lengths(lengths, b, t_len, emission.device)
+        self.init_logp = torch.log_softmax(init, dim=-1).expand(b, z)
+
+    def prob_terms(self):
+        """The transition's terms, rebuilt if they were built without grad but are now
+        differentiated (an HMM made under ``no_grad`` whose log-partition is trained)."""
+        stale = self.terms is None or (
+            torch.is_grad_enabled()
+            and not self.terms_grad
+            and any(t.requires_grad for t in self.transition.tensors())
+        )
+        if stale:
+            self.terms = self.transition.prob_terms()
+            self.terms_grad = torch.is_grad_enabled()
+        return self.terms
+
+    def log_partition(self, fn, emission: torch.Tensor, option) -> torch.Tensor:
+        """``fn(init_logp, transition, emission, lengths, option, ...)`` (a chain DP) with the
+        normalized terms and the emission max computed here."""
+        return fn(self.init_logp, self.transition, emission, self.lengths, option,
+                  terms=self.prob_terms(), emission_max=self.emission_max)
 
 
 class HMM:
@@ -78,6 +139,10 @@ class HMM:
         emission: (B, T, Z) log-likelihoods ``log p(x_t | z_t)`` of the observed sequence.
         lengths: (B,) sequence lengths in [1, T]; default all T.
         memory_light: for ``LowRank``, a custom backward saving O(B T R) instead of O(B T Z).
+        validate_args: check the values of the inputs (no NaN or +inf, lengths in [1, T], no
+            all -inf init row, every transition row with a successor): one max-reduction of
+            the emissions, reused by the forward pass, plus O(Z) work.  ``False`` (as in
+            ``torch.distributions``) skips them; shapes and dtypes are always checked.
 
     The model is ``p(x, z) = p(z_1) prod_t p(z_t | z_{t-1}) prod_t p(x_t | z_t)``
     (Chiu, Deng & Rush, NeurIPS 2021 for the low-rank transition).
@@ -90,8 +155,10 @@ class HMM:
         emission: torch.Tensor,
         lengths: torch.Tensor | None = None,
         memory_light: bool = False,
+        validate_args: bool = True,
     ):
-        self.init_logp, self.lengths = _prepare(init, transition, emission, lengths)
+        self._inputs = _ChainInputs(init, transition, emission, lengths, validate_args)
+        self.init_logp, self.lengths = self._inputs.init_logp, self._inputs.lengths
         self.transition = transition
         self.emission = emission
         self.memory_light = memory_light
@@ -99,9 +166,7 @@ class HMM:
 
     # ---- sum-product -------------------------------------------------------------------
     def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
-        return chain.log_partition(
-            self.init_logp, self.transition, emission, self.lengths, self.memory_light
-        )
+        return self._inputs.log_partition(chain.log_partition, emission, self.memory_light)
 
     @cached_property
     def log_partition(self) -> torch.Tensor:
@@ -210,6 +275,7 @@ class RankSpaceHMM:
     transition ``C^T A`` has nonnegative rank <= Z.  The sequential recursion costs O(R^2) per
     step; building ``M_t`` costs O(Z R^2) per step, in parallel over time.  ``log_partition``
     equals that of ``HMM(init, transition, emission)``; marginals are over the Z states.
+    ``validate_args`` as in :class:`HMM`.
     """
 
     def __init__(
@@ -219,12 +285,14 @@ class RankSpaceHMM:
         emission: torch.Tensor,
         lengths: torch.Tensor | None = None,
         max_chunk_elements: int = 1 << 24,
+        validate_args: bool = True,
     ):
         if not isinstance(transition, LowRank):
             raise TypeError(
                 f"RankSpaceHMM needs a LowRank transition, got {type(transition).__name__}"
             )
-        self.init_logp, self.lengths = _prepare(init, transition, emission, lengths)
+        self._inputs = _ChainInputs(init, transition, emission, lengths, validate_args)
+        self.init_logp, self.lengths = self._inputs.init_logp, self._inputs.lengths
         self.transition = transition
         self.emission = emission
         self.max_chunk_elements = check_positive_int("max_chunk_elements", max_chunk_elements)
@@ -232,8 +300,8 @@ class RankSpaceHMM:
         self.rank = transition.rank
 
     def _log_partition(self, emission: torch.Tensor) -> torch.Tensor:
-        return chain.rank_space_log_partition(
-            self.init_logp, self.transition, emission, self.lengths, self.max_chunk_elements
+        return self._inputs.log_partition(
+            chain.rank_space_log_partition, emission, self.max_chunk_elements
         )
 
     @cached_property

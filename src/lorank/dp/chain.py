@@ -22,7 +22,9 @@ import math
 import torch
 
 from lorank._numerics import gumbel_argmax
-from lorank.factors import Factor, LowRank, _bmv
+from lorank.dp import _rank_space
+from lorank.dp import _scaled_chain as kernel
+from lorank.factors import Factor, LowRank, ProbTerms, _bmv
 from lorank.semiring import LogSemiring, Semiring
 
 PAD = -1  #: the state index written at padded positions of paths and samples
@@ -38,7 +40,7 @@ def pad_emission(emission: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def _scaled_emission(emission: torch.Tensor, lengths: torch.Tensor):
     """``exp(em - k)`` with the per-step max ``k`` (detached: log Z is invariant to it)."""
     em = pad_emission(emission, lengths)
-    k = em.amax(dim=-1).detach()
+    k = em.detach().amax(dim=-1)  # detached first: amax would save its input for backward
     k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
     return (em - k.unsqueeze(-1)).exp(), k
 
@@ -56,26 +58,52 @@ def log_partition(
     emission: torch.Tensor,
     lengths: torch.Tensor,
     memory_light: bool = False,
+    *,
+    terms: ProbTerms | None = None,
+    emission_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward algorithm in scaled probability space: log p(x) per sequence, (B,).
 
-    Factors that are a chain of matrices (``Dense``: ``[P]``, ``LowRank``: ``[A, C^T]``) run
-    in :class:`_ScaledChain`, whose backward pass is the backward algorithm with the weight
-    gradients gathered into one large GEMM per matrix.  ``memory_light`` (LowRank only) saves
-    just the rank-space messages, O(B T R), and recomputes the rest on the way back.
+    Every built-in factor (a sum of matrix chains and bands, :class:`ProbTerms`) runs in one
+    kernel (:mod:`lorank.dp._scaled_chain`): when nothing requires grad (or under
+    ``torch.no_grad()`` / ``inference_mode()``) a forward that saves nothing; otherwise a
+    custom autograd Function whose backward is the backward algorithm with the weight
+    gradients gathered into one GEMM per matrix (band: 2w+1 shifted multiply-adds).
+    ``memory_light`` (LowRank only) saves just the rank-space messages, O(B T R), and
+    recomputes the rest on the way back.  ``terms`` (from ``factor.normalize()``) and
+    ``emission_max`` (``emission.amax(-1)``) skip recomputing what a caller already has.
     """
-    e, k = _scaled_emission(emission, lengths)
+    if memory_light and not isinstance(factor, LowRank):
+        raise TypeError(
+            f"memory_light needs a LowRank transition factor, got {type(factor).__name__}"
+        )
+    if terms is None:
+        terms = factor.prob_terms()
     pi = init_logp.exp()
-    if memory_light:
-        if not isinstance(factor, LowRank):
-            raise TypeError(
-                f"memory_light needs a LowRank transition factor, got {type(factor).__name__}"
-            )
-        a_mat, c_mat = factor.stochastic_factors()
-        return _LowRankForward.apply(pi, a_mat, c_mat, e) + k.sum(1)
-    mats = factor.prob_matrices()
-    if mats is not None:
-        return _ScaledChain.apply(pi, e, *mats) + k.sum(1)
+    if terms is None:  # a user-defined factor: its operator, plain autograd
+        return _operator_log_partition(pi, factor, emission, lengths)
+    tensors = terms.tensors()
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (pi, emission, *tensors)
+    )
+    if memory_light and grad:
+        e, k = _scaled_emission(emission, lengths)
+        a_mat, c_t = terms.chains[0]
+        return _LowRankForward.apply(pi, a_mat, c_t.transpose(-1, -2), e) + k.sum(1)
+    pad = kernel.padding_index(lengths, emission.shape[1])
+    k = kernel.emission_shift(emission, pad, emission_max)
+    bands = [(p.transpose(-1, -2).contiguous(), w) for p, w in terms.bands]
+    if not grad:
+        return kernel.forward(pi, emission, k, pad, terms.chains, bands, save=False)[0]
+    flat = [m for c in terms.chains for m in c] + [p for p, _ in bands]
+    return kernel.ScaledChain.apply(pi, emission, k, pad, kernel.layout_of(terms), *flat)
+
+
+def _operator_log_partition(
+    pi: torch.Tensor, factor: Factor, emission: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """The scaled forward through ``factor.prob_operator()`` in plain autograd ops."""
+    e, k = _scaled_emission(emission, lengths)
     op = factor.prob_operator()
     alpha = pi * e[:, 0]
     logs = []
@@ -86,14 +114,6 @@ def log_partition(
         logs.append(log_c)
         alpha = alpha / safe.unsqueeze(-1)
     return torch.stack(logs, 1).sum(1) + k.sum(1)
-
-
-def _weight_grad(x: torch.Tensor, g: torch.Tensor, batched: bool) -> torch.Tensor:
-    """``sum_{b,t} x[b,t]^T g[b,t]`` as one GEMM: x (B, T, m), g (B, T, n) -> (m, n) or
-    per example (B, m, n) for batched matrices."""
-    if batched:
-        return x.transpose(1, 2) @ g
-    return x.reshape(-1, x.shape[-1]).transpose(0, 1) @ g.reshape(-1, g.shape[-1])
 
 
 def _plain_scaled_chain(pi: torch.Tensor, e: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
@@ -121,77 +141,6 @@ def _differentiable_backward(inputs: tuple, grad: torch.Tensor) -> tuple:
         need = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad(out, need, grad, create_graph=True, allow_unused=True))
     return tuple(next(grads) if x.requires_grad else None for x in inputs)
-
-
-class _ScaledChain(torch.autograd.Function):
-    """Scaled forward for ``P = M_1 ... M_k`` with a hand-written backward algorithm.
-
-    Saves the pre-emission products ``u_t = alpha_{t-1} P`` (B, T, Z), the intermediate
-    messages (B, T, R) and the scales; nothing of size B x T x Z x R.  Weight gradients are
-    ``sum_t x_t^T g_t``, computed after the time loop as one GEMM over all B*T rows.
-    Inputs: ``pi`` (B, Z) initial probabilities, ``e`` (B, T, Z) scaled emission
-    likelihoods, matrices (n_in, n_out) or batched (B, n_in, n_out).  Output: sum_t log c_t.
-    """
-
-    @staticmethod
-    def forward(ctx, pi, e, *mats):
-        b, t_len, z = e.shape
-        u_all = e.new_zeros(b, t_len, z)
-        inter = [e.new_zeros(b, t_len, m.shape[-1]) for m in mats[:-1]]
-        scales = e.new_zeros(b, t_len)
-        alpha = pi * e[:, 0]
-        for t in range(t_len):
-            if t > 0:
-                x = alpha
-                for i, m in enumerate(mats):
-                    x = _bmv(x, m)
-                    if i < len(mats) - 1:
-                        inter[i][:, t] = x
-                u_all[:, t] = x
-                alpha = x * e[:, t]
-            c = alpha.sum(-1)
-            scales[:, t] = c
-            alpha = alpha / torch.where(c > 0, c, torch.ones_like(c)).unsqueeze(-1)
-        ctx.save_for_backward(pi, e, u_all, scales, *inter, *mats)
-        ctx.num_mats = len(mats)
-        log_c, _ = _log_scale(scales)
-        return log_c.sum(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pi, e, u_all, scales, *rest = ctx.saved_tensors
-        k = ctx.num_mats
-        inter, mats = rest[: k - 1], rest[k - 1 :]
-        if torch.is_grad_enabled():  # create_graph=True
-            return _differentiable_backward((pi, e, *mats), grad)
-        b, t_len, z = e.shape
-        inv = torch.where(scales > 0, 1.0 / torch.where(scales > 0, scales, 1.0), 0.0)
-        mats_t = [m.transpose(-1, -2) for m in mats]
-        # g_out[i][:, t]: gradient w.r.t. the output of matrix i at step t
-        g_out = [e.new_zeros(b, t_len, m.shape[-1]) for m in mats]
-        grad_e = torch.zeros_like(e)
-        beta = grad.unsqueeze(-1).expand(b, z)
-        for t in range(t_len - 1, 0, -1):
-            w = beta * inv[:, t : t + 1]
-            grad_e[:, t] = u_all[:, t] * w
-            g = w * e[:, t]
-            for i in range(k - 1, -1, -1):
-                g_out[i][:, t] = g
-                g = _bmv(g, mats_t[i])
-            beta = g
-        grad_e[:, 0] = pi * beta * inv[:, 0:1]
-        grad_pi = e[:, 0] * beta * inv[:, 0:1]
-        grads = []
-        if t_len > 1:
-            # inputs of matrix 0 at steps 1..T-1 are alpha_0..alpha_{T-2}
-            alpha = u_all[:, :-1] * e[:, :-1] * inv[:, :-1].unsqueeze(-1)
-            alpha[:, 0] = pi * e[:, 0] * inv[:, 0:1]
-            inputs = [alpha] + [x[:, 1:] for x in inter]
-            for m, x, g in zip(mats, inputs, g_out, strict=True):
-                grads.append(_weight_grad(x, g[:, 1:], m.dim() == 3))
-        else:
-            grads = [torch.zeros_like(m) for m in mats]
-        return (grad_pi, grad_e, *grads)
 
 
 def _outer_sum(x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -395,37 +344,32 @@ def rank_space_log_partition(
     emission: torch.Tensor,
     lengths: torch.Tensor,
     max_chunk_elements: int = 1 << 24,
+    *,
+    terms: ProbTerms | None = None,
+    emission_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward algorithm in rank space (Yang, Liu & Tu, NAACL 2022): log p(x), (B,).
 
     With ``P = A C^T``, marginalizing each state ``z_t`` gives a chain over rank states whose
-    step-t transition is ``M_t = C^T diag(p(x_t | .)) A`` (R x R).  The matrices are built in
-    parallel over time (O(Z R^2) each, in chunks of at most ``max_chunk_elements``) and the
-    sequential recursion then costs O(R^2) per step.
+    step-t transition is ``M_t = C^T diag(p(x_t | .)) A`` (R x R).  All ``M_t`` come from one
+    GEMM of the scaled emissions with the Khatri-Rao product of C and A (O(Z R^2) per token,
+    in time chunks of at most ``max_chunk_elements`` entries); the recursion is O(R^2) per
+    step, forwards and (in the hand-written backward, :mod:`lorank.dp._rank_space`)
+    backwards.  ``terms``/``emission_max`` as in :func:`log_partition`.
     """
-    e, k = _scaled_emission(emission, lengths)
-    b, t_len, z = e.shape
-    a_mat, c_mat = factor.stochastic_factors()
-    r = a_mat.shape[-1]
-    batched = a_mat.dim() == 3
-    alpha = init_logp.exp() * e[:, 0]
-    log_c, safe = _log_scale(alpha.sum(-1))
-    logs = [log_c]
-    alpha = alpha / safe.unsqueeze(-1)
-    if t_len > 1:
-        m = _bmv(alpha, a_mat)  # (B, R): mass over the rank state between z_0 and z_1
-        ct = c_mat.transpose(-1, -2)
-        chunk = max(1, max_chunk_elements // max(1, b * z * r))
-        for t0 in range(1, t_len - 1, chunk):
-            t1 = min(t0 + chunk, t_len - 1)
-            ea = e[:, t0:t1].unsqueeze(-1) * (a_mat.unsqueeze(1) if batched else a_mat)
-            mats = (ct.unsqueeze(1) if batched else ct) @ ea  # (B, t, R, R)
-            for s in range(t1 - t0):
-                m = (m.unsqueeze(-2) @ mats[:, s]).squeeze(-2)
-                log_c, safe = _log_scale(m.sum(-1))
-                logs.append(log_c)
-                m = m / safe.unsqueeze(-1)
-        final = _bmv(e[:, t_len - 1], c_mat)  # (B, R)
-        log_c, _ = _log_scale((m * final).sum(-1))
-        logs.append(log_c)
-    return torch.stack(logs, 1).sum(1) + k.sum(1)
+    if terms is None:
+        terms = factor.prob_terms()
+    a_mat, c_t = terms.chains[0]
+    pi = init_logp.exp()
+    pad = kernel.padding_index(lengths, emission.shape[1])
+    k = kernel.emission_shift(emission, pad, emission_max)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (pi, emission, a_mat, c_t)
+    )
+    if grad:
+        return _rank_space.RankSpaceChain.apply(pi, emission, k, pad, max_chunk_elements,
+                                                a_mat, c_t)
+    log_z, _ = _rank_space.forward(pi, emission, k, pad, a_mat, c_t, max_chunk_elements, False)
+    if log_z is None:  # a scale underflowed: the state-space pass with reachable shifts
+        log_z, _ = kernel.forward(pi, emission, k, pad, [[a_mat, c_t]], [], False, safe=True)
+    return log_z
