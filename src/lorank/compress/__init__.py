@@ -4,7 +4,8 @@
 ``nn.Embedding``, ``nn.LSTM``/``nn.GRU`` (and Hugging Face attention / MLP projections, which
 are ``nn.Linear`` or ``Conv1D``) by factorized modules computed with plain, randomized,
 Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-rank.
-See ``docs/compress.md``.
+``lorank.compress.trainable`` makes networks low-rank while they train (TRP, Maestro,
+SLTrain).  See ``docs/compress.md``.
 """
 
 from lorank.compress.config import DATA_AWARE, METHODS, CompressConfig
@@ -33,6 +34,18 @@ from lorank.compress.modules import (
     SparseLowRankLinear,
 )
 from lorank.compress.report import CompressionReport, LayerReport
+from lorank.compress.trainable import (
+    TRP,
+    Maestro,
+    MaestroConfig,
+    MaestroLinear,
+    MaestroRNN,
+    SLTrainConfig,
+    SLTrainLinear,
+    TRPConfig,
+    sltrain,
+    train_low_rank,
+)
 
 __all__ = [
     "compress",
@@ -60,4 +73,14 @@ __all__ = [
     "output_tensor",
     "measure_latency",
     "count_parameters",
+    "TRP",
+    "TRPConfig",
+    "Maestro",
+    "MaestroConfig",
+    "MaestroLinear",
+    "MaestroRNN",
+    "SLTrainConfig",
+    "SLTrainLinear",
+    "sltrain",
+    "train_low_rank",
 ]

@@ -15,6 +15,7 @@ Every module has ``merge()`` returning the equivalent dense PyTorch module and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ __all__ = [
     "LowRankRNN",
     "FACTORIZED_TYPES",
     "build_module",
+    "register_module_type",
     "is_hf_conv1d",
 ]
 
@@ -492,9 +494,21 @@ class LowRankRNN(nn.Module):
 FACTORIZED_TYPES = (LowRankLinear, LowRankEmbedding, LowRankRNN)
 
 
+#: structure ``"type"`` -> builder, for factorized module types defined in other files
+_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_module_type(kind: str, builder: Callable[[dict], nn.Module]) -> None:
+    """Let :func:`build_module` (and so :func:`lorank.compress.load_compressed`) rebuild modules
+    whose :meth:`structure` has ``"type": kind``."""
+    _BUILDERS[kind] = builder
+
+
 def build_module(spec: dict) -> nn.Module:
     """An uninitialized factorized module from a :meth:`structure` dict (for loading)."""
     kind = spec["type"]
+    if kind in _BUILDERS:
+        return _BUILDERS[kind](spec)
     if kind == "LowRankLinear":
         return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                              spec["bias"], orig=spec.get("orig", "Linear"))
