@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -53,3 +55,51 @@ def best_time(
         sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def run_info(script: str, argv: list[str] | None, threads: int, t_start: float) -> dict:
+    """The ``machine``, ``command``, ``threads`` and ``total_seconds`` entries of a result."""
+    import sys
+
+    words = argv if argv is not None else sys.argv[1:]
+    return {"machine": machine_description(), "threads": threads,
+            "command": " ".join(["python", script, *words]),
+            "total_seconds": time.time() - t_start}
+
+
+def finish(out: str, result: dict, to_markdown: Callable[[dict], str],
+           plot: Callable[[dict, Path], None]) -> None:
+    """Write ``out`` + ``.json`` / ``.md`` (atomically) and ``.png``; print the table."""
+    from lorank._io import atomic_write_bytes
+
+    markdown = to_markdown(result)
+    atomic_write_bytes(out + ".json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out + ".md", (markdown + "\n").encode())
+    plot(result, Path(out + ".png"))
+    print(markdown)
+
+
+def new_axes(figsize: tuple[float, float] = (6, 4)):
+    """``(figure, axes)`` from matplotlib's file-only Agg backend, or None (and a message)
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; no plot")
+        return None
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def footer(res: dict) -> str:
+    """The line under a results table: command, wall time, machine, threads."""
+    return (f"Command: `{res['command']}` ({res['total_seconds'] / 60:.1f} min); machine: "
+            f"{res['machine']}; {res['threads']} thread(s).")

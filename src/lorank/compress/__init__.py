@@ -8,6 +8,7 @@ Fisher-weighted, activation-aware or whitened SVD, semi-NMF, or sparse plus low-
 SLTrain).  See ``docs/compress.md``.
 """
 
+from lorank.compress import trainable
 from lorank.compress.config import DATA_AWARE, METHODS, CompressConfig
 from lorank.compress.core import (
     compress,
@@ -34,18 +35,7 @@ from lorank.compress.modules import (
     SparseLowRankLinear,
 )
 from lorank.compress.report import CompressionReport, LayerReport
-from lorank.compress.trainable import (
-    TRP,
-    Maestro,
-    MaestroConfig,
-    MaestroLinear,
-    MaestroRNN,
-    SLTrainConfig,
-    SLTrainLinear,
-    TRPConfig,
-    sltrain,
-    train_low_rank,
-)
+from lorank.compress.trainable import *  # noqa: F403  (re-exported: trainable.__all__)
 
 __all__ = [
     "compress",
@@ -73,14 +63,5 @@ __all__ = [
     "output_tensor",
     "measure_latency",
     "count_parameters",
-    "TRP",
-    "TRPConfig",
-    "Maestro",
-    "MaestroConfig",
-    "MaestroLinear",
-    "MaestroRNN",
-    "SLTrainConfig",
-    "SLTrainLinear",
-    "sltrain",
-    "train_low_rank",
+    *trainable.__all__,
 ]

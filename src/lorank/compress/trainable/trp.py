@@ -148,9 +148,9 @@ class TRP(StepHooks):
         self.project()
         pattern = {re.escape(k): max(v) for k, v in
                    sorted(self.ranks.items(), key=lambda kv: -len(kv[0]))}
-        cfg = CompressConfig(method="svd", rank=max(pattern.values()), rank_pattern=pattern,
-                             measure_latency=False, **{**self.config.selection_dict(),
-                                                       **overrides})
+        cfg = CompressConfig(**{"method": "svd", "rank": max(pattern.values()),
+                                "rank_pattern": pattern, "measure_latency": False,
+                                **self.config.selection_dict(), **overrides})
         small, report = compress(self.model, cfg)
         report.method = "trp"
         report.rank_mode = "rank" if self.config.rank is not None else "energy"
