@@ -411,3 +411,16 @@ def test_train_low_rank(config, gen):
     assert not small.training
     with torch.no_grad():
         assert torch.isfinite(small(data[0])).all()
+
+
+def test_maestro_rank_limits(gen):
+    with pytest.raises(ValueError, match="MaestroConfig.rank=9 exceeds min.*of rnn"):
+        Maestro(_model(), MaestroConfig(rank=9, target_modules=["rnn"]))
+    mae = Maestro(_model(), MaestroConfig(rank=6, target_modules=["rnn", "proj"]))
+    assert mae.rank_report()["rnn.weight_ih_l0"]["capacity"] == 6
+    mae.model.proj.set_unit_rank("", 3)  # e.g. after shrinking: pruned components stay out
+    with pytest.raises(ValueError, match=r"Maestro.compress\(proj\): rank must be an integer "
+                                         r"in \[1, 3\] \(the rank in use\)"):
+        mae.compress(rank=4)
+    with pytest.raises(ValueError, match=r"\[1, 6\] \(the capacity\)"):
+        mae.model.proj.set_unit_rank("", 7)

@@ -46,9 +46,9 @@ __all__ = ["MaestroConfig", "Maestro", "MaestroLinear", "MaestroRNN", "group_nor
 SAMPLERS = ("single", "independent", "none")
 
 
-def _check_rank(owner: str, rank: object, capacity: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= capacity:
-        raise ValueError(f"{owner}: rank must be an integer in [1, {capacity}] (the capacity), "
+def _check_rank(owner: str, rank: object, limit: int, what: str = "the rank in use") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(f"{owner}: rank must be an integer in [1, {limit}] ({what}), "
                          f"got {rank!r}")
     return rank
 
@@ -101,7 +101,8 @@ class MaestroLinear(LowRankLinear):
         return self.rank
 
     def set_unit_rank(self, key: str, rank: int) -> None:
-        self.rank = _check_rank(f"MaestroLinear.{key or 'rank'}", rank, self.capacity)
+        self.rank = _check_rank(f"MaestroLinear.{key or 'rank'}", rank, self.capacity,
+                                "the capacity")
 
     def set_width(self, key: str, width: int | None) -> None:
         self.width = width
@@ -110,7 +111,7 @@ class MaestroLinear(LowRankLinear):
         """Keep only the first ``rank`` components (default: the current rank) as the
         parameters themselves; returns self.  Rebuild optimizers afterwards."""
         k = _check_rank("MaestroLinear.truncate", self.rank if rank is None else rank,
-                        self.capacity)
+                        self.rank)
         self.first.weight = nn.Parameter(self.first.weight.detach()[:k].clone())
         self.second.weight = nn.Parameter(self.second.weight.detach()[:, :k].clone())
         self.rank, self.width = k, None
@@ -129,7 +130,7 @@ class MaestroLinear(LowRankLinear):
     def to_lowrank(self, rank: int | None = None) -> LowRankLinear:
         """The first ``rank`` components (default: the current rank) as a ``LowRankLinear``."""
         k = _check_rank("MaestroLinear.to_lowrank", self.rank if rank is None else rank,
-                        self.capacity)
+                        self.rank)
         bias = None if self.bias is None else self.bias.detach()
         return LowRankLinear.from_factors(self.second.weight.detach()[:, :k],
                                           self.first.weight.detach()[:k], bias, orig=self.orig)
@@ -193,7 +194,7 @@ class MaestroRNN(LowRankRNN):
 
     def set_unit_rank(self, key: str, rank: int) -> None:
         info = self.factorized[key]
-        info["rank"] = _check_rank(f"MaestroRNN.{key}", rank, info["capacity"])
+        info["rank"] = _check_rank(f"MaestroRNN.{key}", rank, info["capacity"], "the capacity")
 
     def set_width(self, key: str, width: int | None) -> None:
         if width is None:
@@ -208,7 +209,7 @@ class MaestroRNN(LowRankRNN):
             left, right = self.factors(name)
             k = _check_rank(f"MaestroRNN.truncate({name})",
                             self.unit_rank(name) if rank is None else rank,
-                            self.factorized[name]["capacity"])
+                            self.unit_rank(name))
             self.factorize(name, left.detach()[..., :k], right.detach()[..., :k, :])
         return self
 
@@ -265,8 +266,7 @@ class MaestroRNN(LowRankRNN):
         for name in self.unit_keys():
             k = ranks.get(name) if isinstance(ranks, dict) else ranks
             k = _check_rank(f"MaestroRNN.to_lowrank({name})",
-                            self.unit_rank(name) if k is None else k,
-                            self.factorized[name]["capacity"])
+                            self.unit_rank(name) if k is None else k, self.unit_rank(name))
             left, right = self.factors(name)
             out.factorize(name, left.detach()[..., :k], right.detach()[..., :k, :])
         return out
@@ -380,8 +380,14 @@ class Maestro(StepHooks):
                 raise ValueError(f"{t.name} is already a LowRankRNN: apply Maestro to the "
                                  f"dense model (or exclude it)")
             if t.kind in ("linear", "conv1d"):
-                new = MaestroLinear.from_linear(t.module, self._capacity(t.name, t.module))
+                new = MaestroLinear.from_linear(t.module,
+                                                self._capacity(t.name, min(t.module.weight.shape)))
             else:
+                gates = 4 if t.layer_type == "lstm" else 3
+                g = gates if config.rnn_granularity == "per_gate" else 1
+                small = min(t.module.input_size, t.module.hidden_size,
+                            gates * t.module.hidden_size // g)
+                self._capacity(t.name, small)
                 new = MaestroRNN.from_dense(t.module, config.rnn_matrices,
                                             config.rnn_granularity, config.rank)
             new.train(t.module.training)
@@ -393,11 +399,11 @@ class Maestro(StepHooks):
         self._gen = torch.Generator().manual_seed(config.seed)
         self.resample()
 
-    def _capacity(self, name: str, linear: nn.Module) -> int | None:
+    def _capacity(self, name: str, smallest: int) -> int | None:
+        """``config.rank``, checked against the smallest matrix dimension of layer ``name``."""
         r = self.config.rank
-        if r is not None and r > min(linear.weight.shape):
-            raise ValueError(f"MaestroConfig.rank={r} exceeds min(m, n) = "
-                             f"{min(linear.weight.shape)} of {name}")
+        if r is not None and r > smallest:
+            raise ValueError(f"MaestroConfig.rank={r} exceeds min(m, n) = {smallest} of {name}")
         return r
 
     # ---- the regularizer and the sampler --------------------------------------------------
@@ -505,7 +511,7 @@ class Maestro(StepHooks):
             for u in self.units:
                 before = u.module.matrix(u.sub) if u.sub else u.module.dense_weight()
                 left, right = u.factors()
-                k = _check_rank(f"Maestro.compress({u.key})", want[u.key], left.shape[-1])
+                k = _check_rank(f"Maestro.compress({u.key})", want[u.key], u.rank)
                 after = (left[..., :k] @ right[..., :k, :]).reshape(before.shape)
                 err = float((before - after).norm() / before.norm().clamp_min(1e-30))
                 blocks = left.shape[0] if left.dim() == 3 else 1
