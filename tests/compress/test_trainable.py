@@ -280,6 +280,37 @@ def test_maestro_samplers_and_compress(gen):
                                          "capacity": 8, "params": 40, "dense_params": 96}
 
 
+@pytest.mark.parametrize("sampler", ["single", "none"])
+def test_ordered_dropout_learns_the_principal_components(sampler):
+    """Fitting a linear map, ordered dropout makes every prefix of the factorization nearly
+    the best approximation of its rank (Eckart-Young); plain factorized training does not."""
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=D))
+    q2, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=D))
+    s = torch.tensor([5.0, 4, 3, 2, 1, 0.5], dtype=D)
+    target = q1 * s @ q2.T
+    torch.manual_seed(0)
+    mae = Maestro(nn.Sequential(nn.Linear(6, 6, bias=False, dtype=D)),
+                  MaestroConfig(sampler=sampler))
+    opt = torch.optim.Adam(mae.model.parameters(), lr=0.02)
+    mae.attach(opt)
+    for _ in range(400):
+        x = torch.randn(64, 6, generator=g, dtype=D)
+        loss = (mae.model(x) - x @ target.T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ratios = []
+    with torch.no_grad():
+        for r in (1, 2, 3):
+            w = mae.compress(rank=r)[0][0].dense_weight()
+            ratios.append(float((w - target).norm() / s[r:].norm()))  # 1 = optimal
+    if sampler == "single":
+        assert max(ratios) < 1.1, ratios
+    else:
+        assert max(ratios) > 1.5, ratios
+
+
 def test_maestro_errors():
     with pytest.raises(ValueError, match="MaestroConfig.sampler"):
         MaestroConfig(sampler="random")
