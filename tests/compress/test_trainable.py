@@ -346,6 +346,10 @@ def test_sltrain_parameters_and_forward_are_low_rank_plus_sparse(gen):
     assert torch.allclose(merge(nn.Sequential(mod))[0](x), mod(x), atol=1e-12)
     conv = mod.to_sparse_lowrank()
     assert type(conv) is SparseLowRankLinear and torch.allclose(conv(x), mod(x), atol=1e-12)
+    low = _sl(gen, nnz=0)  # no sparse part: plain factorized forward, same map
+    w = 0.5 * low.second.weight @ low.first.weight
+    assert torch.allclose(low(x), x @ w.mT + low.bias, atol=1e-12)
+    assert type(low.to_sparse_lowrank()) is LowRankLinear
 
 
 def test_sltrain_gradients_reach_only_the_support(gen):

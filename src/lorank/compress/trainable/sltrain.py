@@ -111,6 +111,9 @@ class SLTrainLinear(SparseLowRankLinear):
             self.bias.copy_(torch.empty(m).uniform_(-bound, bound, generator=gen))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nnz == 0:  # low rank alone: two thin products beat building W
+            return nn.functional.linear(nn.functional.linear(x, self.first.weight),
+                                        self.second.weight * self.scale, self.bias)
         return sparse_lowrank_linear(x, self.second.weight, self.first.weight,
                                      self.sparse_values, self.sparse_index, self.bias,
                                      self.scale)
