@@ -459,3 +459,28 @@ def test_maestro_rank_limits(gen):
         mae.compress(rank=4)
     with pytest.raises(ValueError, match=r"\[1, 6\] \(the capacity\)"):
         mae.model.proj.set_unit_rank("", 7)
+
+
+def test_hf_conv1d_layers(gen):
+    """GPT-2's Conv1D (weight stored in x out) under all three methods."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    x = torch.randint(0, 40, (2, 6), generator=gen)
+    trp = TRP(model, TRPConfig(rank=3, target_modules=["c_fc"]))
+    trp.project()
+    assert torch.linalg.matrix_rank(model.h[0].mlp.c_fc.weight) == 3
+    small, _ = trp.compress()
+    assert isinstance(small.h[0].mlp.c_fc, LowRankLinear) and small.h[0].mlp.c_fc.orig == "Conv1D"
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        assert torch.allclose(small(x).last_hidden_state, ref, atol=1e-4)
+    mae = Maestro(model, MaestroConfig(target_modules=["c_proj"]))
+    with torch.no_grad():
+        assert torch.allclose(mae.model.eval()(x).last_hidden_state, ref, atol=1e-4)
+    assert type(merge(mae.model).h[0].mlp.c_proj).__name__ == "Conv1D"
+    net = sltrain(model, SLTrainConfig(rank=2, target_modules=["c_attn"]))
+    lin = net.h[0].attn.c_attn
+    assert isinstance(lin, SLTrainLinear) and (lin.out_features, lin.in_features) == (48, 16)
+    assert torch.isfinite(net(x).last_hidden_state).all()
