@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     def extra(ap):
         ap.add_argument("--trp-period", type=int, default=20)
         ap.add_argument("--trp-nuclear", type=float, default=1e-4)
-        ap.add_argument("--maestro-sampler", default="independent")
+        ap.add_argument("--maestro-samplers", nargs="+", default=["single", "independent"],
+                        help="one Maestro run per ordered-dropout sampler")
         ap.add_argument("--maestro-lasso", type=float, default=0.0)
 
     args = parse_args(argv, __doc__, str(HERE / "trainable_lstm"), threads=1,
@@ -116,15 +117,15 @@ def main(argv=None) -> int:
         small, _ = trp.compress(measure_latency=False)
         record("trp", r, small, secs)
 
-    mae = Maestro(fresh(), MaestroConfig(sampler=args.maestro_sampler,
-                                         group_lasso=args.maestro_lasso, inplace=True,
-                                         **lstm_cfg))
-    secs = fit(mae.model, mae.attach)
-    mae.model.eval()
-    record("maestro", "full", mae.model, secs)
-    for r in args.ranks:
-        small, _ = mae.compress(rank=r)
-        record("maestro", r, small, secs)
+    for sampler in args.maestro_samplers:
+        mae = Maestro(fresh(), MaestroConfig(sampler=sampler, group_lasso=args.maestro_lasso,
+                                             inplace=True, **lstm_cfg))
+        secs = fit(mae.model, mae.attach)
+        mae.model.eval()
+        record(f"maestro-{sampler}", "full", mae.model, secs)
+        for r in args.ranks:
+            small, _ = mae.compress(rank=r)
+            record(f"maestro-{sampler}", r, small, secs)
 
     result = {
         "corpus": "shakespeare (lorank.data.text.load_corpus)", "vocab": vocab,
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         "model": {"emb": args.emb, "hidden": args.hidden, "layers": args.layers},
         "train_steps": args.train_steps, "finetune_steps": args.finetune_steps,
         "batch": args.batch, "bptt": args.bptt, "trp_period": args.trp_period,
-        "trp_nuclear": args.trp_nuclear, "maestro_sampler": args.maestro_sampler,
+        "trp_nuclear": args.trp_nuclear, "maestro_samplers": args.maestro_samplers,
         "maestro_lasso": args.maestro_lasso, "rows": rows,
         **run_info("benchmarks/trainable_lstm.py", argv, args.threads, t_start),
     }
@@ -149,8 +150,9 @@ def to_markdown(res: dict) -> str:
         f"perplexity on {res['eval_tokens']:,} test tokens; all four LSTM matrices at rank r; "
         f"fine-tuning: {res['finetune_steps']} Adam steps (lr 5e-4) on the same random "
         f"training windows for every model.  TRP: projection every {res['trp_period']} steps, "
-        f"nuclear weight {res['trp_nuclear']:g}; Maestro: {res['maestro_sampler']} ordered "
-        f"dropout, group lasso {res['maestro_lasso']:g}, one run truncated to each r.",
+        f"nuclear weight {res['trp_nuclear']:g}; Maestro: one run per ordered-dropout "
+        f"sampler ({', '.join(res['maestro_samplers'])}), group lasso "
+        f"{res['maestro_lasso']:g}, truncated to each r without retraining.",
         "",
         "| method | rank | params | LSTM matrix params | test ppl | ppl after fine-tuning | "
         "train min |",
@@ -169,20 +171,22 @@ def plot(res: dict, path: Path) -> None:
         return
     fig, ax = made
     rows = [r for r in res["rows"] if isinstance(r["rank"], int)]
-    for method, key, style in [("svd", "ppl", "o-"), ("svd", "ppl_finetuned", "o--"),
-                               ("trp", "ppl", "s-"), ("maestro", "ppl", "^-")]:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [("svd", "ppl", "o-", "SVD"), ("svd", "ppl_finetuned", "o--", "SVD + fine-tuning"),
+             ("trp", "ppl", "s-", "TRP")]
+    lines += [(m, "ppl", "^-", "Maestro, " + m.split("-", 1)[1] + " sampler")
+              for m in methods if m.startswith("maestro")]
+    for method, key, style, label in lines:
         sub = sorted((r for r in rows if r["method"] == method), key=lambda r: r["rank"])
-        label = method.upper() if method != "maestro" else "Maestro"
-        label += " + fine-tuning" if key == "ppl_finetuned" else ""
         ax.plot([r["lstm_matrix_params"] for r in sub], [r[key] for r in sub], style,
                 label=label)
-        for r in sub:
-            ax.annotate(f"r={r['rank']}", (r["lstm_matrix_params"], r[key]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
     dense = next(r for r in res["rows"] if r["method"] == "dense")
     ax.axhline(dense["ppl"], color="gray", ls=":", label="dense (no compression)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.minorticks_off()
+    svd = sorted((r for r in rows if r["method"] == "svd"), key=lambda r: r["rank"])
+    ax.set_xticks([r["lstm_matrix_params"] for r in svd],
+                  [f"{r['lstm_matrix_params'] / 1000:.0f}k\n(r={r['rank']})" for r in svd])
     ax.set_xlabel("LSTM matrix parameters")
     ax.set_ylabel("test perplexity")
     ax.set_title("LSTM LM on Shakespeare: rank r on every LSTM matrix")

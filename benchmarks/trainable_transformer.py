@@ -5,8 +5,12 @@ A GPT-style decoder (pre-LayerNorm, causal attention, GELU MLP, tied embeddings)
 the same order.  The linear layers of attention and MLP (q, k, v, o, fc1, fc2) are:
 
 * **dense**: ``nn.Linear``;
-* **low-rank r**: ``B A`` only (``SLTrainLinear`` with an empty sparse part: the same
-  initialization and scale as SLTrain, so the sparse part is the only difference);
+* **low-rank r**: ``B A`` only, as ``LowRankLinear`` layers initialized by the truncated SVD
+  of the dense initialization (``lorank.compress.compress`` of the fresh model: the
+  "spectral" initialization of factorized layers);
+* **low-rank B=0 r**: ``B A`` only with SLTrain's initialization and scale
+  (``SLTrainLinear`` with an empty sparse part), so that the sparse part is the only
+  difference from SLTrain;
 * **SLTrain r + d**: ``scale * B A + S`` with S on a fixed random support of density d
   (``lorank.compress.sltrain``).
 
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from _common import finish, footer, new_axes, run_info, save_figure
 from torch import nn
 
-from lorank.compress import SLTrainConfig, count_parameters, sltrain
+from lorank.compress import CompressConfig, SLTrainConfig, compress, count_parameters, sltrain
 from lorank.data.text import load_corpus
 
 HERE = Path(__file__).resolve().parent
@@ -152,7 +156,7 @@ def run(name: str, model: nn.Module, args, data) -> dict:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  {name} step {step + 1}/{args.steps}: loss "
                   f"{sum(losses[-20:]) / len(losses[-20:]):.3f} "
@@ -218,11 +222,16 @@ def main(argv=None) -> int:
         return sltrain(fresh(), SLTrainConfig(rank=r, density=density, alpha=args.alpha,
                                               target_modules=TARGETS, seed=args.seed))
 
-    runs = [("dense", fresh),
-            (f"low-rank r={equal_rank(r_small)}", lambda: sl(equal_rank(r_small), 0.0)),
-            (f"SLTrain r={r_small} + {args.density:.0%}", lambda: sl(r_small, args.density)),
-            (f"low-rank r={equal_rank(r_big)}", lambda: sl(equal_rank(r_big), 0.0)),
-            (f"SLTrain r={r_big} + {args.density:.0%}", lambda: sl(r_big, args.density))]
+    def spectral(r: int):
+        return compress(fresh(), CompressConfig(rank=r, target_modules=TARGETS,
+                                                measure_latency=False))[0]
+
+    runs = [("dense", fresh)]
+    for r in (r_small, r_big):
+        r_lr = equal_rank(r)
+        runs += [(f"low-rank r={r_lr}", lambda r_lr=r_lr: spectral(r_lr)),
+                 (f"low-rank B=0 r={r_lr}", lambda r_lr=r_lr: sl(r_lr, 0.0)),
+                 (f"SLTrain r={r} + {args.density:.0%}", lambda r=r: sl(r, args.density))]
     rows = []
     print(f"Shakespeare: {corpus.train.numel():,} train tokens, vocab {vocab}; "
           f"{args.steps} steps of {args.batch}x{args.context} tokens", flush=True)
@@ -271,17 +280,21 @@ def plot(res: dict, path: Path) -> None:
     if made is None:
         return
     fig, ax = made
-    for prefix, marker in [("dense", "*"), ("low-rank", "o"), ("SLTrain", "s")]:
+    for prefix, marker in [("dense", "*"), ("low-rank r", "o"), ("low-rank B=0", "v"),
+                           ("SLTrain", "s")]:
         sub = sorted((r for r in res["rows"] if r["name"].startswith(prefix)),
                      key=lambda r: r["block_params"])
         if sub:
             ax.plot([r["block_params"] for r in sub], [r["val_ppl"] for r in sub],
-                    marker=marker, ls="-", label=prefix, markersize=9 if marker == "*" else 6)
-        for r in sub:
-            ax.annotate(r["name"].split(" ", 1)[-1] if prefix != "dense" else "",
-                        (r["block_params"], r["val_ppl"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+                    marker=marker, ls="-", label=prefix.removesuffix(" r"),
+                    markersize=9 if marker == "*" else 6)
     ax.set_xscale("log")
+    ax.minorticks_off()
+    xs = sorted({r["block_params"] for r in res["rows"] if not r["name"].startswith("low")})
+    ax.set_xticks(xs, [f"{x / 1e3:.0f}k" for x in xs])
+    dense = [r for r in res["rows"] if r["name"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["val_ppl"], color="gray", ls=":", lw=1)
     ax.set_xlabel("parameters in the transformer blocks")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Transformer LM pretrained on Shakespeare")
