@@ -84,11 +84,11 @@ def perplexity(model, streams: torch.Tensor, bptt: int) -> float:
     return math.exp(total / count)
 
 
-def train(model, streams, bptt, steps, lr, log_every=200, on_optimizer=None):
-    """Adam with gradient clipping over truncated-BPTT windows; ``on_optimizer(opt)`` is
-    called once with the optimizer (``benchmarks/trainable_lstm.py`` attaches TRP / Maestro
-    step hooks there)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def train(model, streams, bptt, steps, lr, log_every=200, on_optimizer=None, params=None):
+    """Adam with gradient clipping over truncated-BPTT windows.  ``params``: parameters or
+    parameter groups for Adam (default all); ``on_optimizer(opt)`` is called once with the
+    optimizer (``benchmarks/trainable_lstm.py`` attaches TRP / Maestro step hooks there)."""
+    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=lr)
     if on_optimizer is not None:
         on_optimizer(opt)
     model.train()

@@ -406,6 +406,12 @@ class Maestro(StepHooks):
             raise ValueError(f"MaestroConfig.rank={r} exceeds min(m, n) = {smallest} of {name}")
         return r
 
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """The factor parameters of every unit (e.g. for their own optimizer group: Adam
+        moves a product ``U V^T`` of R components about R times further per step than a
+        dense matrix, so factors usually want a smaller learning rate)."""
+        return [p for u in self.units for p in u.factors()]
+
     # ---- the regularizer and the sampler --------------------------------------------------
     def penalty(self) -> torch.Tensor:
         """The hierarchical group lasso ``sum_units sum_b (||left_{b:}|| + ||right_{b:}||)``
@@ -431,7 +437,7 @@ class Maestro(StepHooks):
         lam = self.config.group_lasso
         if lam == 0:
             return
-        params = [p for u in self.units for p in u.factors()]
+        params = self.factor_parameters()
         with torch.enable_grad():
             grads = torch.autograd.grad(self.penalty(), params)
         for p, g in zip(params, grads, strict=True):
