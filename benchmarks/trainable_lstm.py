@@ -1,7 +1,7 @@
 """LSTM language model on Shakespeare: post-hoc SVD vs TRP vs Maestro at equal rank.
 
 The model, data, training loop and evaluation of ``benchmarks/compress_lstm.py`` (2-layer
-word-level LSTM LM, 3500 Adam steps).  Every LSTM matrix (``W_ih`` and ``W_hh`` of both
+word-level LSTM LM, 1500 Adam steps by default).  Every LSTM matrix (``W_ih`` and ``W_hh`` of both
 layers, stacked over the gates) ends at rank r in {4, 16, 64}, so at each r all methods have
 the same parameter count:
 
