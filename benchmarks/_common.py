@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -74,10 +76,54 @@ def alternating_min_ms(
 
 
 def write_outputs(prefix: str, result: dict, markdown: str) -> None:
-    """Write ``prefix.json`` (the result) and ``prefix.md`` (its table), print the table."""
-    import json
-    from pathlib import Path
+    """Write ``prefix.json`` (the result) and ``prefix.md`` (its table) atomically, print the
+    table."""
+    from lorank._io import atomic_write_bytes
 
-    Path(prefix + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(prefix + ".md").write_text(markdown + "\n")
+    atomic_write_bytes(prefix + ".json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(prefix + ".md", (markdown + "\n").encode())
     print(markdown)
+
+
+def run_info(script: str, argv: list[str] | None, threads: int, t_start: float) -> dict:
+    """The ``machine``, ``command``, ``threads`` and ``total_seconds`` entries of a result."""
+    import sys
+
+    words = argv if argv is not None else sys.argv[1:]
+    return {"machine": machine_description(), "threads": threads,
+            "command": " ".join(["python", script, *words]),
+            "total_seconds": time.time() - t_start}
+
+
+def finish(out: str, result: dict, to_markdown: Callable[[dict], str],
+           plot: Callable[[dict, Path], None]) -> None:
+    """Write ``out`` + ``.png``, ``.json`` and ``.md`` (atomically); print the table."""
+    markdown = to_markdown(result)
+    plot(result, Path(out + ".png"))
+    write_outputs(out, result, markdown)
+
+
+def new_axes(figsize: tuple[float, float] = (6, 4)):
+    """``(figure, axes)`` from matplotlib's file-only Agg backend, or None (and a message)
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; no plot")
+        return None
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def footer(res: dict) -> str:
+    """The line under a results table: command, wall time, machine, threads."""
+    return (f"Command: `{res['command']}` ({res['total_seconds'] / 60:.1f} min); machine: "
+            f"{res['machine']}; {res['threads']} thread(s).")

@@ -84,8 +84,13 @@ def perplexity(model, streams: torch.Tensor, bptt: int) -> float:
     return math.exp(total / count)
 
 
-def train(model, streams, bptt, steps, lr, log_every=200):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def train(model, streams, bptt, steps, lr, log_every=200, on_optimizer=None, params=None):
+    """Adam with gradient clipping over truncated-BPTT windows.  ``params``: parameters or
+    parameter groups for Adam (default all); ``on_optimizer(opt)`` is called once with the
+    optimizer (``benchmarks/trainable_lstm.py`` attaches TRP / Maestro step hooks there)."""
+    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=lr)
+    if on_optimizer is not None:
+        on_optimizer(opt)
     model.train()
     step = 0
     t0 = time.time()
@@ -110,27 +115,37 @@ def train(model, streams, bptt, steps, lr, log_every=200):
     model.eval()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv, doc: str, out: str, threads: int = 2, train_steps: int = 3500,
+               extra=None) -> argparse.Namespace:
+    """The model, data and fine-tuning options of this benchmark (shared with
+    ``trainable_lstm.py``); ``extra(ap)`` adds more.  ``--quick`` shrinks everything."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--vocab", type=int, default=5000)
     ap.add_argument("--emb", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=200)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--train-steps", type=int, default=3500)
+    ap.add_argument("--train-steps", type=int, default=train_steps)
     ap.add_argument("--finetune-steps", type=int, default=50)
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--bptt", type=int, default=35)
     ap.add_argument("--eval-tokens", type=int, default=12000,
                     help="test tokens used for perplexity (the Python-loop LSTM is slow)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "compress_lstm"))
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--out", default=out)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.train_steps, args.finetune_steps, args.ranks = 30, 5, [4]
         args.eval_tokens, args.hidden, args.emb = 2000, 64, 64
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, __doc__, str(HERE / "compress_lstm"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.time()

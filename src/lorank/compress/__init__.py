@@ -6,9 +6,11 @@ attention / MLP projections, which are ``nn.Linear`` or ``Conv1D``) by factorize
 computed with plain, randomized, Fisher-weighted, activation-aware or whitened SVD, semi-NMF,
 or sparse plus low-rank; linear layers can also become a dense dictionary times sparse codes
 (CoSpaDi, DSFormer).  Adapters (LoRA, WaRA) heal a compressed model.
-See ``docs/compress.md``.
+``lorank.compress.trainable`` makes networks low-rank while they train (TRP, Maestro,
+SLTrain).  See ``docs/compress.md``.
 """
 
+from lorank.compress import trainable
 from lorank.compress.adapters import (
     AdaptedLinear,
     AdapterConfig,
@@ -48,6 +50,7 @@ from lorank.compress.modules import (
     SparseLowRankLinear,
 )
 from lorank.compress.report import CompressionReport, LayerReport
+from lorank.compress.trainable import *  # noqa: F403  (re-exported: trainable.__all__)
 
 __all__ = [
     "compress",
@@ -91,4 +94,5 @@ __all__ = [
     "output_tensor",
     "measure_latency",
     "count_parameters",
+    *trainable.__all__,
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "LowRankRNN",
     "FACTORIZED_TYPES",
     "build_module",
+    "register_structured",
     "is_hf_conv1d",
 ]
 
