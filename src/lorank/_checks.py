@@ -61,8 +61,11 @@ def check_values(
         raise ValueError(f"{name} (shape {tuple(x.shape)}) contains -inf")
 
 
-def check_lengths(lengths: object, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
-    """Return ``lengths`` as a long tensor (batch,), each in [1, max_len], or raise."""
+def check_lengths(
+    lengths: object, batch: int, max_len: int, device: torch.device, source: str = "emission"
+) -> torch.Tensor:
+    """Return ``lengths`` as a long tensor (batch,), each in [1, max_len] (``max_len`` is the
+    time dimension of the tensor named ``source``), or raise."""
     if lengths is None:
         return torch.full((batch,), max_len, dtype=torch.long, device=device)
     if not isinstance(lengths, torch.Tensor):
@@ -71,14 +74,16 @@ def check_lengths(lengths: object, batch: int, max_len: int, device: torch.devic
         raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(
-            f"lengths must have shape (batch,) = ({batch},), got {tuple(lengths.shape)}"
+            f"lengths must have shape (batch,) = ({batch},), got {tuple(lengths.shape)} "
+            f"({source} has batch size {batch})"
         )
-    lo, hi = int(lengths.min()), int(lengths.max())
-    if lo < 1 or hi > max_len:
-        raise ValueError(
-            f"lengths must lie in [1, {max_len}] (the time dimension of emission), "
-            f"got min {lo} and max {hi}"
-        )
+    if lengths.numel():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > max_len:
+            raise ValueError(
+                f"lengths must lie in [1, {max_len}] (the time dimension of {source}), "
+                f"got min {lo} and max {hi}"
+            )
     return lengths.to(device=device, dtype=torch.long)
 
 

@@ -62,22 +62,6 @@ def check_batch_shape(name: str, batch_shape: torch.Size, b: int, source: str) -
         )
 
 
-def check_length_range(lengths: object, max_len: int, source: str) -> None:
-    """Raise unless every length lies in [1, max_len]; ``source`` names the argument whose
-    time dimension is max_len (e.g. ``"terminal"``)."""
-    if lengths is None:
-        return
-    lens = torch.as_tensor(lengths)
-    if lens.numel() == 0 or lens.is_floating_point() or lens.dtype == torch.bool:
-        return  # the shape / dtype errors of lorank._checks.check_lengths apply
-    lo, hi = int(lens.min()), int(lens.max())
-    if lo < 1 or hi > max_len:
-        raise ValueError(
-            f"lengths must lie in [1, {max_len}] (the time dimension of {source}), "
-            f"got min {lo} and max {hi}"
-        )
-
-
 def check_no_dead_rows(name: str, logits: torch.Tensor) -> None:
     """Raise unless every row (last dimension) of ``logits`` has a finite entry: a
     distribution over no outcome (e.g. a root or initial state that can never be drawn)."""
@@ -111,7 +95,6 @@ __all__ = [
     "check_alike",
     "check_batch_shape",
     "check_instance",
-    "check_length_range",
     "check_no_dead_rows",
     "grads_or_zeros",
     "log_normalize",

@@ -192,9 +192,12 @@ def test_neg_inf_emissions_give_no_nan(gen, kind, batch, light):
         assert not x.isnan().any(), name
     assert h.marginals[2].eq(0).all()
     assert h.max_score[2] == NEG
-    assert h.argmax[:, 0].ge(0).all() and h.argmax[h.mask].lt(Z).all()
+    real = h.mask[:2]
+    assert h.argmax[:2][real].ge(0).all() and h.argmax[:2][real].lt(Z).all()
+    assert h.argmax[2].eq(-1).all()  # the "no path" sentinel
     s = h.sample((50,), generator=torch.Generator().manual_seed(0))
-    assert s[:, h.mask].ge(0).all() and s[:, h.mask].lt(Z).all()
+    assert s[:, :2][:, real].ge(0).all() and s[:, :2][:, real].lt(Z).all()
+    assert s[:, 2].eq(-1).all()
     # impossible states are never chosen
     impossible = torch.isneginf(em.detach()) & h.mask.unsqueeze(-1)
     for path in (h.argmax.unsqueeze(0), s):
@@ -634,3 +637,51 @@ def test_dead_end_states(gen, kind):
     # a sum with a part that covers the row is fine
     h = HMM(torch.zeros(Z, dtype=F64), f + random_factor("lowrank", Z, generator=gen), em, LENGTHS)
     torch.testing.assert_close(h.log_partition, _brute(h).log_partition)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_naming_the_argument(dtype):
+    init, tr = torch.zeros(Z, dtype=dtype), Dense(torch.zeros(Z, Z, dtype=dtype))
+    with pytest.raises(TypeError, match=rf"emission \(shape \(2, 4, 3\)\) has dtype {dtype}"):
+        HMM(init, tr, torch.zeros(2, 4, Z, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+@pytest.mark.parametrize("explicit_lengths", [False, True])
+def test_empty_batch_gives_empty_results(kind, explicit_lengths):
+    gen = torch.Generator().manual_seed(0)
+    tr = random_factor(kind, Z, rank=2, width=1, generator=gen)
+    em = torch.zeros(0, T, Z, dtype=F64, requires_grad=True)
+    lengths = torch.zeros(0, dtype=torch.long) if explicit_lengths else None
+    d = HMM(torch.zeros(Z, dtype=F64), tr, em, lengths=lengths)
+    assert d.log_partition.shape == (0,)
+    assert d.marginals.shape == (0, T, Z)
+    assert d.argmax.shape == (0, T)
+    assert d.entropy().shape == (0,)
+    assert d.sample((2,)).shape == (2, 0, T)
+
+
+def test_lengths_errors_name_the_tensor_they_index():
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\] \(the time dimension "
+                                         r"of emission\), got min 0"):
+        HMM(torch.zeros(Z), Dense(torch.zeros(Z, Z)), torch.zeros(2, T, Z), lengths=[0, 5])
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_impossible_sequence_gets_the_no_path_sentinel(kind):
+    gen = torch.Generator().manual_seed(1)
+    tr = random_factor(kind, Z, rank=2, width=1, generator=gen)
+    em = torch.randn(B, T, Z, dtype=F64, generator=gen)
+    em[1, 2] = NEG  # sequence 1 has probability 0; the others are untouched
+    d = HMM(torch.zeros(Z, dtype=F64), tr, em, lengths=LENGTHS)
+    alone = HMM(torch.zeros(Z, dtype=F64), tr, em[[0, 2]], lengths=LENGTHS[[0, 2]])
+    assert torch.isneginf(d.log_partition[1]) and torch.isneginf(d.max_score[1])
+    assert (d.argmax[1] == -1).all()
+    assert torch.equal(d.argmax[[0, 2]], alone.argmax)
+    samples = d.sample((4,), generator=torch.Generator().manual_seed(0))
+    assert (samples[:, 1] == -1).all()
+    assert (samples[:, [0, 2]] >= 0).sum() == 4 * int(LENGTHS[[0, 2]].sum())
+    score, logp = d.score(d.argmax), d.log_prob(d.argmax)
+    assert torch.isneginf(score[1]) and torch.isneginf(logp[1])
+    torch.testing.assert_close(score[[0, 2]], alone.max_score)
+    assert not torch.isnan(logp).any()

@@ -7,6 +7,7 @@ from functools import cached_property
 import torch
 
 from lorank._checks import check_lengths, check_positive_int, check_tensor, check_values
+from lorank._inputs import check_precision
 from lorank.dp import chain
 from lorank.factors import Factor, LowRank
 from lorank.semiring import EntropySemiring
@@ -20,6 +21,7 @@ def _check_structure(init: torch.Tensor, transition: Factor, emission: torch.Ten
             f"got {type(transition).__name__}"
         )
     check_tensor("emission", emission, ndim=3, values=False)
+    check_precision("emission", emission)
     b, t_len, z = emission.shape
     if t_len < 1:
         raise ValueError(f"emission must have at least one time step, got shape {(b, t_len, z)}")
@@ -198,7 +200,8 @@ class HMM:
 
     @property
     def argmax(self) -> torch.Tensor:
-        """The exact most probable state path (Viterbi): (B, T) long, -1 at padding.
+        """The exact most probable state path (Viterbi): (B, T) long, -1 at padding (all -1
+        for a sequence of probability 0).
         Materializes the Z x Z transition (max-product does not factor through rank space)."""
         return self._viterbi[1]
 
@@ -235,13 +238,16 @@ class HMM:
         )
 
     def score(self, path: torch.Tensor) -> torch.Tensor:
-        """``log p(x, z)`` for state paths (..., B, T); positions past ``lengths`` ignored."""
+        """``log p(x, z)`` for state paths (..., B, T); positions past ``lengths`` ignored;
+        ``-inf`` for the all ``-1`` path."""
         path = self._check_path(path)
         return chain.path_score(self.init_logp, self.transition, self.emission, self.lengths, path)
 
     def log_prob(self, path: torch.Tensor) -> torch.Tensor:
-        """``log p(z | x)`` for state paths (..., B, T): (..., B)."""
-        return self.score(path) - self.log_partition
+        """``log p(z | x)`` for state paths (..., B, T): (..., B); ``-inf`` for a path of
+        score ``-inf`` (the all ``-1`` "no path" included), also on an impossible sequence."""
+        score = self.score(path)
+        return torch.where(torch.isneginf(score), score, score - self.log_partition)
 
     def _check_path(self, path: torch.Tensor) -> torch.Tensor:
         if not isinstance(path, torch.Tensor) or path.is_floating_point():
@@ -251,7 +257,8 @@ class HMM:
             raise ValueError(
                 f"path must have shape (..., {want[0]}, {want[1]}), got {tuple(path.shape)}"
             )
-        real = path[..., self.mask]
+        sentinel = ((path == -1) | ~self.mask).all(-1, keepdim=True)  # "no path" rows
+        real = path[self.mask & ~sentinel]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_states):
             raise ValueError(
                 f"path states must lie in [0, {self.num_states}) within lengths, got "

@@ -21,7 +21,6 @@ from lorank._inputs import (
     check_alike,
     check_batch_shape,
     check_instance,
-    check_length_range,
     check_no_dead_rows,
     grads_or_zeros,
 )
@@ -72,11 +71,10 @@ def prepare_pcfg_inputs(
     check_batch_shape("rules", rules.batch_shape, b, f"terminal {tuple(terminal.shape)}")
     if isinstance(root, torch.Tensor):
         check_alike(terminal=terminal, root=root, rules=rules.parameters()[0])
-    check_length_range(lengths, n, "terminal")
-    lengths = check_lengths(lengths, b, n, terminal.device)
+    lengths = check_lengths(lengths, b, n, terminal.device, source="terminal")
     if max_length is not None:
         check_positive_int("max_length", max_length)
-        longest = int(lengths.max())
+        longest = int(lengths.max()) if b else 0
         if longest > max_length:
             raise ValueError(
                 f"a sentence has {longest} words but this model allows at most {max_length}"

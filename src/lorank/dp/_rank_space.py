@@ -84,7 +84,7 @@ def _forward(pi, e, k, a, ct, max_elements: int, save: bool):
                 torch.sum(m, -1, keepdim=True, out=scales[t])
                 m.div_(scales[t])
     scales = scales.squeeze(-1)
-    if not scales.min().item() >= underflow_threshold(e.dtype):  # NaN included
+    if scales.numel() and not scales.min().item() >= underflow_threshold(e.dtype):  # NaN too
         return None, None
     log_z = scales.log().sum(0) + k.sum(1)
     return log_z, ((e, kr, msgs, scales, m_all) if save else None)

@@ -282,7 +282,7 @@ def forward(
         with workspace("emission", (t_len, b, z), em) as buf:
             e = exp_emission(em, k, pad, out=buf)
             scales = _forward_loop(pi, e, chains, bands, None, None)
-    if not scales.min().item() >= underflow_threshold(em.dtype):  # NaN included
+    if scales.numel() and not scales.min().item() >= underflow_threshold(em.dtype):  # NaN too
         if save:
             return None, None
         return _safe_forward(pi, em, pad, chains, bands), None

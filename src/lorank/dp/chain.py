@@ -244,7 +244,8 @@ def viterbi(
     lengths: torch.Tensor,
     max_chunk_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact max-product with backpointers: (best log-score (B,), path (B, T) padded with -1)."""
+    """Exact max-product with backpointers: (best log-score (B,), path (B, T) padded with -1;
+    a sequence of probability 0 gets score ``-inf`` and the all ``-1`` path)."""
     b, t_len, z = emission.shape
     batched = trans_logp.dim() == 3
     chunk = max(1, max_chunk_elements // max(1, b * z))
@@ -270,7 +271,8 @@ def viterbi(
         state = back[t - 1].gather(1, state.unsqueeze(1)).squeeze(1)
         path[:, t - 1] = state
     steps = torch.arange(t_len, device=emission.device)
-    path = torch.where(steps < lengths.unsqueeze(1), path, torch.full_like(path, PAD))
+    keep = (steps < lengths.unsqueeze(1)) & ~torch.isneginf(best_score).unsqueeze(1)
+    path = torch.where(keep, path, torch.full_like(path, PAD))
     return best_score, path
 
 
@@ -296,7 +298,8 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Forward filtering, backward sampling: exact posterior samples (num_samples, B, T),
-    padded with -1.  Each backward step needs one column of ``P`` per sample (O(Z R))."""
+    padded with -1 (all ``-1`` for a sequence of probability 0).  Each backward step needs
+    one column of ``P`` per sample (O(Z R))."""
     b, t_len, z = emission.shape
     la = forward_log_messages(init_logp, factor, emission)
     batch = torch.arange(b, device=emission.device)
@@ -312,6 +315,9 @@ def sample(
         cur = gumbel_argmax(logits, generator)
         nxt = torch.where(active, cur, nxt)
         out[:, :, t] = torch.where(active, cur, out[:, :, t])
+    impossible = torch.isneginf(last[0].amax(-1)) if num_samples else None
+    if impossible is not None and bool(impossible.any()):
+        out[:, impossible] = PAD
     return out
 
 
@@ -322,10 +328,13 @@ def path_score(
     lengths: torch.Tensor,
     path: torch.Tensor,
 ) -> torch.Tensor:
-    """Log joint ``log p(x, z)`` of state paths (..., B, T); positions past lengths ignored."""
+    """Log joint ``log p(x, z)`` of state paths (..., B, T); positions past lengths ignored;
+    ``-inf`` for the all ``-1`` path (the answer of :func:`viterbi` and :func:`sample` for a
+    sequence of probability 0)."""
     b, t_len, z = emission.shape
     valid = torch.arange(t_len, device=path.device) < lengths.unsqueeze(1)  # (B, T)
-    p = torch.where(valid, path, torch.zeros_like(path))
+    sentinel = ((path == PAD) | ~valid).all(-1)
+    p = torch.where(valid & ~sentinel.unsqueeze(-1), path, torch.zeros_like(path))
     lead = p.shape[:-2]
     em = emission.expand(*lead, b, t_len, z).gather(-1, p.unsqueeze(-1)).squeeze(-1)
     score = init_logp.expand(*lead, b, z).gather(-1, p[..., :1]).squeeze(-1)
@@ -335,7 +344,7 @@ def path_score(
         j = p[..., 1:].transpose(-1, -2)
         trans = factor.log_prob_entries(i, j).transpose(-1, -2)
         score = score + torch.where(valid[:, 1:], trans, torch.zeros_like(trans)).sum(-1)
-    return score
+    return score.masked_fill(sentinel, -math.inf)
 
 
 def rank_space_log_partition(
