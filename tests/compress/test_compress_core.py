@@ -300,3 +300,16 @@ def test_layers_without_calibration_signal_stay_dense(gen):
     with pytest.raises(ValueError, match="no selected layer was reached"):
         compress(Unused(), CompressConfig(method="asvd", rank=2, target_modules=["unused"]),
                  calibration=calib)
+
+
+def test_compress_config_is_frozen_canonical_and_round_trips():
+    import dataclasses
+    import json
+
+    cfg = CompressConfig(method="cospadi", rank=8, dict_sparsity=[0.5], rnn_matrices=["ih"],
+                         rank_pattern={"fc": 3})
+    assert cfg.layer_types == ("linear",) and cfg.dict_sparsity == (0.5,)  # canonical once
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 4
+    again = CompressConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again is not cfg

@@ -6,6 +6,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from lorank.config import Config
+
 METHODS = ("svd", "randomized_svd", "snmf", "fwsvd", "asvd", "whitened", "svd+sparse",
            "cospadi", "dsformer")
 #: methods that need a calibration data loader
@@ -17,8 +19,8 @@ CONV_DECOMPOSITIONS = ("channel", "spatial")
 RANK_MODES = ("rank", "param_reduction", "energy", "budget_reduction")
 
 
-@dataclass
-class CompressConfig:
+@dataclass(frozen=True)
+class CompressConfig(Config):
     """What to factorize, how, and at which rank.
 
     Layer selection (PEFT conventions):
@@ -127,12 +129,12 @@ class CompressConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
         if self.layer_types is not None:
-            self.layer_types = tuple(self.layer_types)
+            self._set("layer_types", tuple(self.layer_types))
             bad = [t for t in self.layer_types if t not in LAYER_TYPES]
             if bad or not self.layer_types:
                 raise ValueError(f"layer_types must be a non-empty subset of {LAYER_TYPES}, "
                                  f"got {self.layer_types!r}")
-        self.rnn_matrices = tuple(self.rnn_matrices)
+        self._set("rnn_matrices", tuple(self.rnn_matrices))
         if not self.rnn_matrices or any(p not in ("ih", "hh") for p in self.rnn_matrices):
             raise ValueError(f"rnn_matrices must be a non-empty subset of ('ih', 'hh'), "
                              f"got {self.rnn_matrices!r}")
@@ -156,17 +158,17 @@ class CompressConfig:
             raise ValueError(f"method {self.method!r} takes rank (number of atoms) or "
                              f"param_reduction, got {self.rank_mode}")
         if self.layer_types is None:
-            self.layer_types = ("linear",)
+            self._set("layer_types", ("linear",))
         elif self.layer_types != ("linear",):
             raise ValueError(f"method {self.method!r} factorizes linear layers only: "
                              f"layer_types must be ('linear',), got {self.layer_types!r}")
-        self.dict_sparsity = tuple(self.dict_sparsity)
+        self._set("dict_sparsity", tuple(self.dict_sparsity))
         if not self.dict_sparsity or any(
                 isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1
                 for r in self.dict_sparsity):
             raise ValueError(f"dict_sparsity must be a non-empty tuple of ratios s/k in (0, 1], "
                              f"got {self.dict_sparsity!r}")
-        self.dict_nm = tuple(self.dict_nm)
+        self._set("dict_nm", tuple(self.dict_nm))
         from lorank.linalg.dictionary import check_nm
 
         try:
