@@ -143,19 +143,19 @@ class Factor:
         """Log row sums of the unnormalized potentials: (*batch, Z)."""
         raise NotImplementedError
 
-    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+    def prob_operator_with(self, log_norm: torch.Tensor) -> Operator:
         """``x -> x @ (exp(phi) / exp(log_norm)[:, None])`` in probability space, stably."""
         raise NotImplementedError
 
-    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
-        """Log-space version of :meth:`_prob_operator`."""
+    def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
+        """Log-space version of :meth:`prob_operator_with`."""
         raise NotImplementedError
 
-    def _log_normalizer(self, memo: dict) -> torch.Tensor:
-        """:meth:`log_normalizer`, leaving in ``memo`` what :meth:`_prob_terms` can reuse."""
+    def log_normalizer_into(self, memo: dict) -> torch.Tensor:
+        """:meth:`log_normalizer`, leaving in ``memo`` what :meth:`prob_terms_with` can reuse."""
         return self.log_normalizer()
 
-    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+    def prob_terms_with(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
         """``P`` as :class:`ProbTerms` with the row normalizer ``log_norm`` (-inf rows are
         treated as 0); None if the factor has no such form (the chain then uses
         :meth:`prob_operator`)."""
@@ -203,11 +203,11 @@ class Factor:
 
     def prob_operator(self) -> Operator:
         """A function ``x -> x @ P`` with everything independent of ``x`` computed once."""
-        return self._prob_operator(finite_or_zero(self.log_normalizer()))
+        return self.prob_operator_with(finite_or_zero(self.log_normalizer()))
 
     def log_operator(self) -> Operator:
         """A function ``lx -> log(exp(lx) @ P)`` with the factor's tensors prepared once."""
-        return self._log_operator(finite_or_zero(self.log_normalizer()))
+        return self.log_operator_with(finite_or_zero(self.log_normalizer()))
 
     def prob_matrices(self) -> list[torch.Tensor] | None:
         """``[M_1, ..., M_k]`` with ``P = M_1 @ ... @ M_k`` (Dense: ``[P]``, LowRank:
@@ -226,8 +226,8 @@ class Factor:
         """``(log_normalizer(), prob_terms())`` with every shared piece computed once (for
         ``LowRank`` the column log-sums and ``left + s``, as a bare implementation would)."""
         memo: dict = {}
-        log_norm = self._log_normalizer(memo)
-        return log_norm, self._prob_terms(log_norm, memo)
+        log_norm = self.log_normalizer_into(memo)
+        return log_norm, self.prob_terms_with(log_norm, memo)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ P`` for probability-space messages x (..., Z) (batched factors: (..., B, Z))."""
@@ -294,20 +294,20 @@ class Dense(Factor):
     def log_normalizer(self) -> torch.Tensor:
         return safe_logsumexp(self.logits, dim=-1)
 
-    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+    def prob_operator_with(self, log_norm: torch.Tensor) -> Operator:
         p = (self.logits - log_norm.unsqueeze(-1)).exp()
         return lambda x: _bmv(x, p)
 
-    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+    def log_normalizer_into(self, memo: dict) -> torch.Tensor:
         return self._row_softmax(self.logits, memo)
 
-    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+    def prob_terms_with(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
         return ProbTerms([[self._row_probs(self.logits, log_norm, memo)]], [])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.logits]
 
-    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+    def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
         lp = self.logits - log_norm.unsqueeze(-1)
         return lambda lx: _log_bmv(lx, lp)
 
@@ -383,7 +383,7 @@ class LowRank(Factor):
             memo[key] = (s, c, self.left + s.unsqueeze(-2))
         return memo[key]
 
-    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+    def log_normalizer_into(self, memo: dict) -> torch.Tensor:
         own = _Own(*_softmax_parts(self._parts(memo)[2], -1))
         memo[("lowrank-a", id(self))] = own
         return own.log_norm
@@ -399,25 +399,25 @@ class LowRank(Factor):
         memo = {} if memo is None else memo
         _, c, ls = self._parts(memo)
         if log_norm is None:
-            log_norm = self._log_normalizer(memo)
+            log_norm = self.log_normalizer_into(memo)
         a = _own_probs(memo, ("lowrank-a", id(self)), log_norm)
         if a is None:  # no own normalization in the memo
             a = (ls - finite_or_zero(log_norm).unsqueeze(-1)).exp()
         return a, c
 
-    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+    def prob_operator_with(self, log_norm: torch.Tensor) -> Operator:
         a, c = self.stochastic_factors(log_norm)
         ct = c.transpose(-1, -2)
         return lambda x: _bmv(_bmv(x, a), ct)
 
-    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+    def prob_terms_with(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
         a, c = self.stochastic_factors(log_norm, memo)
         return ProbTerms([[a, c.transpose(-1, -2)]], [])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.left, self.right]
 
-    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+    def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
         s = self._column_lse()
         la = self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)
         lct = (self.right - finite_or_zero(s).unsqueeze(-2)).transpose(-1, -2)
@@ -497,18 +497,18 @@ class Banded(Factor):
         y_pad = torch.cat([pad, y, pad], dim=-2)
         return y_pad[..., self._gather_rows, self._gather_cols]
 
-    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
+    def prob_operator_with(self, log_norm: torch.Tensor) -> Operator:
         band = (self._masked - log_norm.unsqueeze(-1)).exp()
         return lambda x: self._shift(x.unsqueeze(-1) * band, 0.0).sum(-1)
 
-    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
+    def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
         band = self._masked - log_norm.unsqueeze(-1)
         return lambda lx: safe_logsumexp(self._shift(lx.unsqueeze(-1) + band, -math.inf), -1)
 
-    def _log_normalizer(self, memo: dict) -> torch.Tensor:
+    def log_normalizer_into(self, memo: dict) -> torch.Tensor:
         return self._row_softmax(self._masked, memo)
 
-    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
+    def prob_terms_with(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms:
         return ProbTerms([], [(self._row_probs(self._masked, log_norm, memo), self.width)])
 
     def tensors(self) -> list[torch.Tensor]:
@@ -579,31 +579,31 @@ class Sum(Factor):
     def dtype(self) -> torch.dtype:
         return self.parts[0].dtype
 
-    def _log_normalizer(self, memo: dict) -> torch.Tensor:
-        norms = [p._log_normalizer(memo) for p in self.parts]
+    def log_normalizer_into(self, memo: dict) -> torch.Tensor:
+        norms = [p.log_normalizer_into(memo) for p in self.parts]
         return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
 
     def log_normalizer(self) -> torch.Tensor:
         norms = [p.log_normalizer() for p in self.parts]
         return torch.stack(torch.broadcast_tensors(*norms)).logsumexp(0)
 
-    def _prob_operator(self, log_norm: torch.Tensor) -> Operator:
-        ops = [p._prob_operator(log_norm) for p in self.parts]
+    def prob_operator_with(self, log_norm: torch.Tensor) -> Operator:
+        ops = [p.prob_operator_with(log_norm) for p in self.parts]
         return lambda x: sum(op(x) for op in ops)
 
-    def _log_operator(self, log_norm: torch.Tensor) -> Operator:
-        ops = [p._log_operator(log_norm) for p in self.parts]
+    def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
+        ops = [p.log_operator_with(log_norm) for p in self.parts]
 
         def apply(lx: torch.Tensor) -> torch.Tensor:
             return safe_logsumexp(torch.stack([op(lx) for op in ops]), 0)
 
         return apply
 
-    def _prob_terms(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
+    def prob_terms_with(self, log_norm: torch.Tensor, memo: dict) -> ProbTerms | None:
         chains: list[list[torch.Tensor]] = []
         bands: list[tuple[torch.Tensor, int]] = []
         for p in self.parts:
-            terms = p._prob_terms(log_norm, memo)
+            terms = p.prob_terms_with(log_norm, memo)
             if terms is None:
                 return None
             chains += terms.chains
