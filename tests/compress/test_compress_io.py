@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -392,3 +393,43 @@ def test_compress_options_land_in_their_config_fields():
                   "sparse_density", "seed", "dict_sparsity", "dict_nm", "dict_iters",
                   "dict_lowrank_fallback", "share_dictionary"):
         assert getattr(default, field) == getattr(CompressConfig(rank=2), field), field
+
+
+@pytest.mark.parametrize("method", ["trp", "maestro"])
+def test_cli_trainable_methods_fine_tune_a_lorank_run(method, tiny_corpus, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["train", "--corpus", str(tiny_corpus), "--model", "hmm", "--states", "6",
+                 "--hidden", "8", "--batch-size", "16", "--max-steps", "2", "--no-progress",
+                 "--out", str(run)]) == 0
+    _, dense, _ = load_run(run)
+    capsys.readouterr()
+    assert main(["compress", str(run), "-o", str(out), "--method", method, "--rank", "2",
+                 "--steps", "4", "--trp-period", "2", "--no-latency"]) == 0
+    info = json.loads((out / "train_low_rank.json").read_text())
+    assert info["method"] == method and info["steps"] == 4
+    assert info["params_before"] == sum(p.numel() for p in dense.parameters())
+    task, small, _ = load_run(out, data=True)
+    linears = [m for m in small.modules() if isinstance(m, LowRankLinear)]
+    assert len(linears) == 8 and all(m.rank == 2 for m in linears)
+    assert info["params_after"] == sum(p.numel() for p in small.parameters())
+    assert info["params_after"] < info["params_before"]
+    assert math.isfinite(info["valid_ppl_after"]) and info["valid_ppl_after"] > 1
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "valid", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert abs(evaluated["valid_ppl"] - info["valid_ppl_after"]) < 1e-6 * info["valid_ppl_after"]
+
+
+def test_cli_trainable_methods_need_a_lorank_run_and_a_rank(tiny_corpus, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert main(["compress", str(hf), "-o", str(tmp_path / "o"), "--method", "trp",
+                 "--rank", "2"]) == 2
+    assert "lorank.compress.train_low_rank" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(tiny_corpus), "--model", "hmm", "--states", "4",
+                 "--hidden", "8", "--max-steps", "1", "--no-progress", "--out", str(run)]) == 0
+    assert main(["compress", str(run), "-o", str(tmp_path / "o"), "--method", "maestro",
+                 "--energy", "0.9"]) == 2
+    assert "--method maestro takes --rank" in capsys.readouterr().err

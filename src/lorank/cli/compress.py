@@ -16,6 +16,11 @@ Inputs understood:
   (:func:`lorank.compress.compress_hmm`); other lorank models get the layer compression
   selected by the options.  ``lorank eval OUT`` / ``lorank sample OUT`` use the result and
   ``lorank.tasks.load_run(OUT)`` rebuilds it.
+
+``--method trp`` / ``--method maestro`` (lorank checkpoints only) make the selected layers
+low-rank while fine-tuning on the run's own training data (``--steps`` AdamW steps), with
+TRP (``--rank`` or ``--energy``) or Maestro (``--rank``: the prefix kept after training),
+and report the validation metric before and after.
 """
 
 from __future__ import annotations
@@ -31,14 +36,21 @@ import torch
 
 from lorank._io import atomic_write_bytes, atomic_write_json
 from lorank.compress.config import LAYER_TYPES, METHODS, CompressConfig
-from lorank.compress.core import compress, output_tensor
+from lorank.compress.core import compress, count_parameters, output_tensor
 from lorank.compress.hmm import compress_hmm
 from lorank.compress.io import save_compressed
+from lorank.compress.trainable import MaestroConfig, TRPConfig, train_low_rank
 from lorank.nn.hmm import NeuralHMM
 from lorank.tasks import load_run
+from lorank.tasks.base import Task
 from lorank.train.checkpoint import FORMAT_VERSION
+from lorank.train.distributed import DistContext
+from lorank.train.trainer import TrainConfig, Trainer
 
 __all__ = ["add_parser", "run"]
+
+#: methods that fine-tune (lorank.compress.trainable); the others factorize in one shot
+TRAINABLE = ("trp", "maestro")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
 
@@ -47,7 +59,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face / sentence-transformers model directory, or a "
                                  "lorank checkpoint (run directory or .safetensors file)")
     p.add_argument("-o", "--out", required=True, help="output directory")
-    p.add_argument("--method", default="svd", choices=METHODS)
+    p.add_argument("--method", default="svd", choices=METHODS + TRAINABLE,
+                   help="factorization (default svd); trp and maestro fine-tune a lorank run")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="fixed rank for every matrix")
     g.add_argument("--param-reduction", type=float,
@@ -87,6 +100,22 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--share-dictionary", default=None,
                    help="regex over layer names: layers whose match captures the same groups "
                         "share one dictionary")
+    t = p.add_argument_group("trainable low rank (--method trp|maestro; lorank runs only)")
+    t.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--train-batch-size", type=int, default=64,
+                   help="sequences per fine-tuning batch")
+    t.add_argument("--max-tokens", type=int, default=4096,
+                   help="padded units per fine-tuning / evaluation batch")
+    d_trp, d_mae = TRPConfig(rank=1), MaestroConfig()
+    t.add_argument("--trp-period", type=int, default=d_trp.period,
+                   help="trp: steps between projections")
+    t.add_argument("--nuclear-weight", type=float, default=d_trp.nuclear_weight,
+                   help="trp: weight of the nuclear-norm subgradient")
+    t.add_argument("--maestro-sampler", choices=["single", "independent"],
+                   default=d_mae.sampler, help="maestro: ordered-dropout sampler")
+    t.add_argument("--group-lasso", type=float, default=d_mae.group_lasso,
+                   help="maestro: hierarchical group-lasso weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -118,6 +147,47 @@ def _config_from_args(args) -> CompressConfig:
         share_dictionary=args.share_dictionary,
         measure_latency=not args.no_latency, inplace=True,
     )
+
+
+def _trainable_config_from_args(args) -> TRPConfig | MaestroConfig:
+    """The TRP / Maestro config of ``--method trp|maestro`` and the layer-selection options."""
+    if args.param_reduction is not None or args.budget_reduction is not None:
+        raise ValueError(f"--method {args.method} takes --rank (or, for trp, --energy)")
+    sel = dict(target_modules=args.target_regex or args.target, exclude_modules=args.exclude,
+               layer_types=tuple(args.layer_types), rnn_matrices=tuple(args.rnn_matrices),
+               rnn_granularity=args.rnn_granularity)
+    if args.method == "trp":
+        return TRPConfig(rank=args.rank, energy=args.energy, period=args.trp_period,
+                         nuclear_weight=args.nuclear_weight, **sel)
+    if args.energy is not None:
+        raise ValueError("--method maestro takes --rank (the prefix kept), not --energy")
+    return MaestroConfig(sampler=args.maestro_sampler, group_lasso=args.group_lasso,
+                         seed=args.seed, inplace=True, **sel)
+
+
+def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | MaestroConfig):
+    """Fine-tune a lorank run's model with TRP / Maestro on its training split; returns
+    ``(model, report, info)`` with the validation metric before and after."""
+    trainer = Trainer(task, TrainConfig(batch_size=args.train_batch_size,
+                                        max_tokens=args.max_tokens, progress=False),
+                      DistContext(device=torch.device("cpu")))
+    before = trainer.evaluate("valid", model)[task.metric]
+    params_before = count_parameters(model)
+    data = list(task.batches("train", batch_size=args.train_batch_size,
+                             max_tokens=args.max_tokens, shuffle=True, seed=args.seed))
+    torch.manual_seed(args.seed)
+    small, report, losses = train_low_rank(
+        model, data, lambda nll, batch: nll / task.count(batch), config, steps=args.steps,
+        lr=args.lr, forward_fn=lambda m, batch: task.nll(m, batch, None),
+        rank=args.rank if args.method == "maestro" else None,
+        log_every=max(args.steps // 10, 1), log=lambda line: print(line, file=sys.stderr))
+    after = trainer.evaluate("valid", small)[task.metric]
+    info = {"method": args.method, "steps": args.steps, "lr": args.lr,
+            "params_before": params_before, "params_after": count_parameters(small),
+            f"valid_{task.metric}_before": before, f"valid_{task.metric}_after": after,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
+    return small, report, info
 
 
 def _read_lines(path: str, n: int) -> list[str]:
@@ -182,8 +252,9 @@ def _same_place(a: Path, b: Path) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
-def _run_lorank(args, src: Path, config: CompressConfig):
-    task, model, meta = load_run(src)
+def _run_lorank(args, src: Path, config: CompressConfig | TRPConfig | MaestroConfig):
+    trainable = not isinstance(config, CompressConfig)
+    task, model, meta = load_run(src, data=trainable)
     base = {"kind": "lorank", "format_version": FORMAT_VERSION, "task": task.name,
             "data_config": task.data_config.to_dict(),
             "model_config": task.model_config.to_dict(),
@@ -191,17 +262,19 @@ def _run_lorank(args, src: Path, config: CompressConfig):
     if args.calib_text:
         raise ValueError("--calib-text is for Hugging Face directories; use the Python API "
                          "(calibration=...) for lorank models")
+    if trainable:
+        return _train_lorank(args, task, model, config) + (base,)
     if isinstance(model, NeuralHMM):
         if args.rank is None:
             raise ValueError("a lorank HMM run takes --rank R: the rank of the nonnegative "
                              "factorization of its transition")
         model, info = compress_hmm(model, args.rank, inplace=True)
-        return model, None, base, info
+        return model, None, info, base
     if config.data_aware:
         raise ValueError(f"--method {config.method} needs calibration data: use the Python "
                          f"API for lorank models")
     model, report = compress(model, config)
-    return model, report, base, None
+    return model, report, None, base
 
 
 def run(args) -> int:
@@ -221,17 +294,25 @@ def run(args) -> int:
               f"there would overwrite the trained model; choose another -o", file=sys.stderr)
         return 2
     try:
-        config = _config_from_args(args)
+        if args.method in TRAINABLE:
+            if not lorank_ckpt:
+                raise ValueError(f"--method {args.method} fine-tunes on a lorank run's training "
+                                 f"data; for other models use lorank.compress.train_low_rank")
+            config = _trainable_config_from_args(args)
+        else:
+            config = _config_from_args(args)
         if lorank_ckpt:
-            model, report, base, hmm_info = _run_lorank(args, src, config)
+            model, report, info, base = _run_lorank(args, src, config)
             out = Path(args.out)
             save_compressed(model, out, report, base=base)
-            if hmm_info is not None:
-                atomic_write_json(out / "compress_report.json", hmm_info)
-                print(json.dumps(hmm_info, indent=2))
-            else:
+            if info is not None:  # the HMM factorization's report, or the fine-tuning's
+                name = "compress_report.json" if report is None else "train_low_rank.json"
+                atomic_write_json(out / name, info)
+            if report is not None:
                 atomic_write_bytes(out / "compress_report.md", (report.table() + "\n").encode())
                 print(report.to_json() if args.json else report.table())
+            if info is not None:
+                print(json.dumps(info, indent=2))
             print(f"wrote {out}", file=sys.stderr)
             return 0
         model, calib, base = _hf_inputs(args)
