@@ -157,6 +157,35 @@ def test_trp_errors():
         TRP(_model(), TRPConfig(rank=2, target_modules=["nothing"]))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_trp_on_convolutions_projects_each_group_and_compresses_exactly(gen, groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=groups), nn.ReLU(),
+                          nn.Flatten(),
+                          nn.Linear(6 * 5 * 5, 3)).to(D)
+    x = torch.randn(4, 4, 5, 5, dtype=D, generator=gen)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    trp = TRP(model, TRPConfig(rank=2, period=1, nuclear_weight=1e-3, layer_types=("conv",)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trp.attach(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    trp.detach()
+    w = model[0].weight.detach()
+    for g in range(groups):  # every group's (C_out/G, C_in/G * k * k) block has rank 2
+        block = w[g * 6 // groups:(g + 1) * 6 // groups].reshape(6 // groups, -1)
+        assert torch.linalg.matrix_rank(block) == 2
+    small, report = trp.compress()
+    assert [(r.name, r.rank) for r in report.layers] == [("0", 2)]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-10, rtol=0)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    with pytest.raises(ValueError, match="exceeds min"):  # a 3-row block has rank <= 3
+        TRP(copy.deepcopy(model), TRPConfig(rank=4 if groups == 2 else 7, layer_types=("conv",)))
+
+
 # ---- Maestro --------------------------------------------------------------------------------
 
 

@@ -101,23 +101,28 @@ class Weight:
     """A live handle on one selected weight matrix ``M`` (out x in, ``y = x M^T``)."""
 
     key: str  # report name, as in compress(): "proj", "rnn.weight_ih_l0"
-    kind: str  # layer type: linear | embedding | lstm | gru
+    kind: str  # layer type: linear | embedding | lstm | gru | conv
     module: nn.Module
     attr: str  # the parameter's name on module
     transposed: bool  # HF Conv1D and nn.Embedding store M^T
-    blocks: int = 1
+    blocks: int = 1  # RNN gates (per_gate) or convolution groups: one rank per row block
 
     @property
     def param(self) -> nn.Parameter:
         return getattr(self.module, self.attr)
 
     def matrix(self) -> torch.Tensor:
-        """``M`` (a view of the parameter's data, out x in)."""
+        """``M`` (a view of the parameter's data, out x in; a convolution's kernel as
+        ``(C_out, C_in/groups * prod(kernel))``, the matrix of its channel factorization)."""
         p = self.param.detach()
+        if self.kind == "conv":
+            return p.reshape(p.shape[0], -1)
         return p.mT if self.transposed else p
 
     def as_param(self, m: torch.Tensor) -> torch.Tensor:
         """An out x in matrix laid out like the parameter."""
+        if self.kind == "conv":
+            return m.reshape(self.param.shape)
         return m.mT if self.transposed else m
 
 
@@ -127,6 +132,9 @@ def weights(targets: list[_Target], selection: Selection) -> Iterator[Weight]:
     for t in targets:
         if t.kind in ("linear", "conv1d", "embedding"):
             yield Weight(t.name, t.layer_type, t.module, "weight", t.kind != "linear")
+            continue
+        if t.kind == "conv":
+            yield Weight(t.name, "conv", t.module, "weight", False, t.module.groups)
             continue
         gates = {"LSTM": 4, "GRU": 3}[t.layer_type.upper()]
         blocks = gates if selection.rnn_granularity == "per_gate" else 1

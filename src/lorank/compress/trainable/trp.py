@@ -39,6 +39,10 @@ class TRPConfig(Selection):
     between projections (the paper's ``m``); ``nuclear_weight``: ``lambda`` (0 disables the
     regularizer; its subgradient ``U_k V_k^T`` is refreshed at every projection)."""
 
+    #: convolutions too: the kernel as its (C_out, C_in/groups * prod(kernel)) matrix, one
+    #: rank per group, which ``compress`` then factorizes exactly (channel decomposition)
+    SUPPORTED = ("linear", "embedding", "lstm", "gru", "conv")
+
     rank: int | None = None
     energy: float | None = None
     period: int = 20
@@ -60,7 +64,8 @@ class TRPConfig(Selection):
 
 class TRP(StepHooks):
     """Trained Rank Pruning on the layers of ``model`` that ``config`` selects (linear,
-    embedding, LSTM/GRU matrices), with any optimizer and training loop::
+    embedding, LSTM/GRU matrices, Conv1d/Conv2d kernels), with any optimizer and training
+    loop::
 
         trp = TRP(model, TRPConfig(energy=0.99, nuclear_weight=1e-4, period=20))
         trp.attach(optimizer)            # hooks into optimizer.step()
