@@ -374,3 +374,40 @@ def test_costs_without_input_size():
     conv = nn.Conv2d(6, 8, (3, 5), groups=2)
     assert conv_costs(conv, None) == (conv.weight.numel(), 2 * conv.weight.numel())
     assert conv_costs(conv, (7, 9)) == (conv.weight.numel(), 2 * conv.weight.numel() * 5 * 5)
+
+
+def _low_rank_kernel(form: str, rank: int, cout: int, cin: int, k: int, gen) -> torch.Tensor:
+    """A kernel of exact rank ``rank`` in the ``form`` decomposition's matrix."""
+    if form == "channel":  # W[o, c, i, j] = sum_r A[o, r] B[r, c, i, j]
+        return torch.einsum("or,rcij->ocij", torch.randn(cout, rank, dtype=F64, generator=gen),
+                            torch.randn(rank, cin, k, k, dtype=F64, generator=gen))
+    # spatial: W[o, c, i, j] = sum_r V[r, c, i] H[r, o, j]
+    return torch.einsum("rci,roj->ocij", torch.randn(rank, cin, k, dtype=F64, generator=gen),
+                        torch.randn(rank, cout, k, dtype=F64, generator=gen))
+
+
+@pytest.mark.parametrize("form", ["channel", "spatial"])
+def test_auto_decomposition_picks_the_form_in_which_the_kernel_is_low_rank(form, gen):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.Conv1d(12, 4, 3)).to(F64)
+    conv1d = model[1]
+    model = nn.Sequential(model[0])
+    with torch.no_grad():
+        model[0].weight.copy_(_low_rank_kernel(form, 2, 12, 8, 3, gen))
+    x = torch.randn(2, 8, 6, 6, dtype=F64, generator=gen)
+    for mode in (dict(param_reduction=0.6), dict(energy=0.999999)):
+        small, report = compress(model, CompressConfig(layer_types=("conv",),
+                                                       conv_decomposition="auto",
+                                                       measure_latency=False, **mode))
+        (row,) = report.layers
+        assert row.note.startswith(f"auto: {form} "), row.note
+        assert small[0].factorization.decomposition == form
+        # the chosen form holds the kernel exactly at the chosen rank
+        torch.testing.assert_close(small(x), model(x), atol=1e-9, rtol=0)
+    # a Conv1d has no spatial form; auto needs a budget to compare the two forms at
+    _, report = compress(nn.Sequential(conv1d), CompressConfig(
+        layer_types=("conv",), conv_decomposition="auto", param_reduction=0.5,
+        measure_latency=False))
+    assert report.layers[0].note.startswith("channel decomposition")
+    with pytest.raises(ValueError, match="conv_decomposition='auto' compares"):
+        CompressConfig(rank=2, conv_decomposition="auto")

@@ -77,9 +77,11 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="layer types to compress (default: linear)")
     p.add_argument("--rnn-matrices", nargs="+", choices=["ih", "hh"], default=["ih", "hh"])
     p.add_argument("--rnn-granularity", choices=["stacked", "per_gate"], default="stacked")
-    p.add_argument("--conv-decomposition", choices=["channel", "spatial"], default="channel",
-                   help="convolutions: channel (C_in -> r with the kernel, then 1x1) or spatial "
-                        "(k x 1 then 1 x k)")
+    p.add_argument("--conv-decomposition", choices=["channel", "spatial", "auto"],
+                   default="channel",
+                   help="convolutions: channel (C_in -> r with the kernel, then 1x1), spatial "
+                        "(k x 1 then 1 x k), or auto (per layer, the smaller weight error at "
+                        "--param-reduction, the fewer parameters at --energy)")
     p.add_argument("--calib-text", default=None,
                    help="text file, one calibration example per line (needed by fwsvd, asvd, "
                         "whitened)")

@@ -73,8 +73,10 @@ class CompressConfig(Config):
     rnn_matrices: tuple[str, ...] = ("ih", "hh")
     #: LSTM/GRU: "stacked" factorizes the (gates*H) x in matrix, "per_gate" each H x in block
     rnn_granularity: str = "stacked"
-    #: convolutions: "channel" (C_in -> r with the kernel, then r -> C_out 1x1) or "spatial"
-    #: (Conv2d: k_h x 1 then 1 x k_w; Conv1d layers use "channel"); see lorank.compress.conv
+    #: convolutions: "channel" (C_in -> r with the kernel, then r -> C_out 1x1), "spatial"
+    #: (Conv2d: k_h x 1 then 1 x k_w; Conv1d layers use "channel"), or "auto": per Conv2d,
+    #: the form with the smaller weight error at the param_reduction budget, or with fewer
+    #: parameters at the energy threshold; see lorank.compress.conv
     conv_decomposition: str = "channel"
     asvd_alpha: float = 0.5
     #: relative diagonal damping of the calibration Gram matrix before Cholesky
@@ -141,9 +143,14 @@ class CompressConfig(Config):
         if self.rnn_granularity not in ("stacked", "per_gate"):
             raise ValueError(f"rnn_granularity must be 'stacked' or 'per_gate', got "
                              f"{self.rnn_granularity!r}")
-        if self.conv_decomposition not in CONV_DECOMPOSITIONS:
-            raise ValueError(f"conv_decomposition must be one of {CONV_DECOMPOSITIONS}, got "
-                             f"{self.conv_decomposition!r}")
+        if self.conv_decomposition not in CONV_DECOMPOSITIONS + ("auto",):
+            raise ValueError(f"conv_decomposition must be one of {CONV_DECOMPOSITIONS} or "
+                             f"'auto', got {self.conv_decomposition!r}")
+        if self.conv_decomposition == "auto" and self.rank_mode not in (
+                "param_reduction", "energy"):
+            raise ValueError(f"conv_decomposition='auto' compares the channel and spatial forms "
+                             f"at equal parameters (param_reduction) or equal energy (energy), "
+                             f"not with {self.rank_mode}; pick the form yourself")
         if not 0 <= self.sparse_density < 1:
             raise ValueError(f"sparse_density must lie in [0, 1), got {self.sparse_density!r}")
         if self.whiten_damp < 0:

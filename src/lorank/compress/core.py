@@ -237,6 +237,8 @@ class _Matrix:
     conv: ConvFactorization | None = None
     block_stats: list[_Stats] | None = None
     error_stats: list[_Stats] | None = None
+    #: what the report says about choices made before factorizing (conv "auto")
+    notes: list[str] = field(default_factory=list)
 
     def input_stats(self, g: int) -> _Stats:
         """Statistics of the inputs of block g."""
@@ -281,13 +283,14 @@ def _matrices(targets: list[_Target], config: CompressConfig) -> list[_Matrix]:
         elif t.kind in ("conv1d", "embedding"):
             out.append(_Matrix(t.name, t, None, t.module.weight.detach().mT))
         elif t.kind == "conv":
-            dec = config.conv_decomposition if t.module.weight.dim() == 4 else "channel"
+            dec, note = _conv_decomposition(t, config)
             fac = ConvFactorization(ConvSpec.of(t.module), dec)
             g = fac.blocks
             out.append(_Matrix(t.name, t, None, fac.matrix(t.module.weight.detach()), g,
                                conv=fac, block_stats=[_Stats() for _ in range(g)],
                                error_stats=[_Stats() for _ in range(g)]
-                               if dec == "spatial" else None))
+                               if dec == "spatial" else None,
+                               notes=[note] if note else []))
         else:
             g = t.module.num_gates if config.rnn_granularity == "per_gate" else 1
             for name in t.module.matrix_names():
@@ -296,6 +299,48 @@ def _matrices(targets: list[_Target], config: CompressConfig) -> list[_Matrix]:
                     key = f"{t.name}.{name}" if t.name else name
                     out.append(_Matrix(key, t, name, getattr(t.module, name).detach(), g))
     return out
+
+
+def _conv_decomposition(t: _Target, config: CompressConfig) -> tuple[str, str | None]:
+    """The decomposition of a convolution and, for ``"auto"``, a note saying why.
+
+    ``"auto"`` compares the two forms on the weights (plain SVD, before any calibration): at
+    ``param_reduction`` each form gets the rank of that budget and the smaller relative
+    weight error wins; at ``energy`` each keeps the energy fraction and the one with fewer
+    parameters wins.  Conv1d, kernels with a side of 1 and layers given a rank by
+    ``rank_pattern`` use ``"channel"``."""
+    dec = config.conv_decomposition
+    if t.module.weight.dim() != 4:
+        return "channel", None
+    if dec != "auto":
+        return dec, None
+    spec = ConvSpec.of(t.module)
+    if min(spec.kernel_size) == 1:
+        return "channel", "auto: channel (a kernel side of 1 has no spatial form)"
+    if any(_matches(t.name, [p]) or re.fullmatch(p, t.name) for p in config.rank_pattern):
+        return "channel", "auto: channel (rank fixed by rank_pattern)"
+    w = t.module.weight.detach().to(torch.float64).cpu()
+    scores = {}
+    for form in ("channel", "spatial"):
+        fac = ConvFactorization(spec, form)
+        (m, n), mat = fac.block_shape, fac.matrix(w)
+        spectra = [torch.linalg.svdvals(mat[g * m:(g + 1) * m]) for g in range(fac.blocks)]
+        if config.rank_mode == "param_reduction":
+            r = max(1, linalg.rank_for_param_reduction(m, n, config.param_reduction))
+        else:
+            r = max(linalg.rank_for_energy(sv, config.energy) for sv in spectra)
+        total = sum(float((sv ** 2).sum()) for sv in spectra)
+        lost = sum(float((sv[r:] ** 2).sum()) for sv in spectra)
+        error = math.sqrt(lost / total) if total > 0 else 0.0
+        scores[form] = (error, fac.blocks * r * (m + n))  # (weight error, factor weights)
+    # errors equal to 1e-9 (both exact) compare by size, and the other way round
+    if config.rank_mode == "param_reduction":
+        form = min(scores, key=lambda f: (round(scores[f][0], 9), scores[f][1]))
+    else:
+        form = min(scores, key=lambda f: (scores[f][1], round(scores[f][0], 9)))
+    (e_c, p_c), (e_s, p_s) = scores["channel"], scores["spatial"]
+    return form, (f"auto: {form} (relative weight error channel {e_c:.3f}, spatial "
+                  f"{e_s:.3f}; factor weights {p_c:,} vs {p_s:,})")
 
 
 def _restore_after_calibration(model: nn.Module, matrices: list, flags: dict) -> None:
@@ -746,7 +791,7 @@ def compress(
                        need_fisher=config.method == "fwsvd")
     gen = torch.Generator().manual_seed(config.seed)
 
-    notes_by_key: dict[str, list[str]] = {mx.key: [] for mx in matrices}
+    notes_by_key: dict[str, list[str]] = {mx.key: list(mx.notes) for mx in matrices}
     unused: set[int] = set()
     if config.data_aware:
         # layers the calibration never reached (or the loss does not depend on) cannot be
