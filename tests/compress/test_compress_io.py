@@ -268,9 +268,16 @@ def test_cli_on_a_hf_directory(tmp_path, gen, capsys):
     loaded = load_compressed(out).eval()
     assert isinstance(loaded.encoder.layer[1].attention.self.value, LowRankLinear)
     # errors are reported, not raised
-    code = main(["compress", str(src), "-o", str(out), "--method", "asvd", "--rank", "4"])
+    code = main(["compress", str(src), "-o", str(tmp_path / "o2"), "--method", "asvd", "--rank",
+                 "4"])
     assert code == 2
     assert "needs --calib-text" in capsys.readouterr().err
+    # a previous output is replaced only when asked
+    assert main(["compress", str(src), "-o", str(out), "--rank", "4", "--no-latency"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["compress", str(src), "-o", str(out), "--rank", "4", "--no-latency",
+                 "--overwrite"]) == 0
+    assert load_compressed(out).encoder.layer[1].attention.self.value.rank == 4
     code = main(["compress", str(tmp_path / "missing"), "-o", str(out), "--rank", "4"])
     assert code == 2
 
@@ -353,10 +360,27 @@ def test_cli_on_a_lorank_hmm_checkpoint(tmp_path, gen, capsys):
     # the compressed run samples without its corpus (the vocabulary travels with it)
     assert main(["sample", str(out), "--num", "2", "--max-length", "4"]) == 0
     assert all(w.startswith("w") for w in capsys.readouterr().out.split())
-    assert main(["compress", str(run), "-o", str(out), "--energy", "0.9"]) == 2
+    fresh = tmp_path / "fresh"
+    assert main(["compress", str(run), "-o", str(fresh), "--energy", "0.9"]) == 2
     assert "--rank R" in capsys.readouterr().err
-    assert main(["compress", str(run), "-o", str(out), "--rank", "5"]) == 2
+    assert main(["compress", str(run), "-o", str(fresh), "--rank", "5"]) == 2
     assert "break-even rank is 3" in capsys.readouterr().err
+    # an existing output needs --overwrite; a training run is never an output
+    assert main(["compress", str(run), "-o", str(out), "--rank", "2"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["compress", str(run), "-o", str(out), "--rank", "2", "--overwrite"]) == 0
+    task_out, loaded_out, _ = load_run(out)
+    assert loaded_out.rank == 2
+    summary = task_out.summary(loaded_out)  # what lorank eval prints: the rank of the weights
+    assert summary["rank"] is None and summary["model_rank"] == 2
+    other = tmp_path / "other_run"
+    _save_run(other, model, task)
+    (other / "metrics.json").write_text("{}")
+    before_other = (other / "model.safetensors").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(["compress", str(run), "-o", str(other), "--rank", "3", *extra]) == 2
+        assert "holds a training run" in capsys.readouterr().err
+    assert (other / "model.safetensors").read_bytes() == before_other
     # never into the input run: that would overwrite its trained model
     before = (run / "model.safetensors").read_bytes()
     assert main(["compress", str(run), "-o", str(run), "--rank", "3"]) == 2

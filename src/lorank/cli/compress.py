@@ -1,7 +1,8 @@
 """``lorank compress``: compress a model directory and write the result, report included.
 
 ``lorank compress MODEL_DIR -o OUT --method whitened --param-reduction 0.4 --calib-text
-sentences.txt``.  The output directory must lie outside the input.
+sentences.txt``.  The output directory must lie outside the input and be new or empty
+(``--overwrite`` replaces a previous compress output; a training run is never replaced).
 
 Inputs understood:
 
@@ -35,15 +36,16 @@ from pathlib import Path
 import torch
 
 from lorank._io import atomic_write_bytes, atomic_write_json
-from lorank.compress.config import LAYER_TYPES, METHODS, CompressConfig
+from lorank.compress.config import DATA_AWARE, LAYER_TYPES, METHODS, CompressConfig
 from lorank.compress.core import compress, count_parameters, output_tensor
 from lorank.compress.hmm import compress_hmm
+from lorank.compress.io import META as COMPRESS_META
 from lorank.compress.io import save_compressed
 from lorank.compress.trainable import MaestroConfig, TRPConfig, train_low_rank
 from lorank.nn.hmm import NeuralHMM
 from lorank.tasks import load_run
 from lorank.tasks.base import Task
-from lorank.train.checkpoint import FORMAT_VERSION
+from lorank.train.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION
 from lorank.train.distributed import DistContext
 from lorank.train.trainer import TrainConfig, Trainer
 
@@ -58,7 +60,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face / sentence-transformers model directory, or a "
                                  "lorank checkpoint (run directory or .safetensors file)")
-    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("-o", "--out", required=True,
+                   help="output directory: new or empty (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous lorank compress output in --out")
     p.add_argument("--method", default="svd", choices=METHODS + TRAINABLE,
                    help="factorization (default svd); trp and maestro fine-tune a lorank run")
     g = p.add_mutually_exclusive_group(required=True)
@@ -83,8 +88,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(k x 1 then 1 x k), or auto (per layer, the smaller weight error at "
                         "--param-reduction, the fewer parameters at --energy)")
     p.add_argument("--calib-text", default=None,
-                   help="text file, one calibration example per line (needed by fwsvd, asvd, "
-                        "whitened)")
+                   help="text file, one calibration example per line (needed by "
+                        f"{', '.join(sorted(DATA_AWARE))})")
     p.add_argument("--calib-samples", type=int, default=128, help="lines used (default 128)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration line")
@@ -247,6 +252,25 @@ def _is_lorank_checkpoint(src: Path) -> bool:
         (src / n).is_file() for n in ("model.safetensors", "checkpoint.safetensors"))
 
 
+def _output_problem(out: Path, overwrite: bool) -> str | None:
+    """Why ``out`` may not receive a compressed model, or None: it must be new or empty, or
+    (with ``--overwrite``) a previous ``lorank compress`` output; never a training run."""
+    if out.exists() and not out.is_dir():
+        return f"the output {out} is a file; -o names a directory"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if (out / CHECKPOINT_NAME).exists() or (out / "metrics.json").exists():
+        return (f"the output {out} holds a training run ({CHECKPOINT_NAME} / metrics.json): "
+                f"writing there would replace its model; choose another -o")
+    if not overwrite:
+        return (f"the output {out} is not empty; choose a new directory, or pass --overwrite "
+                f"to replace a previous lorank compress output there")
+    if not (out / COMPRESS_META).exists():
+        return (f"the output {out} is not a previous lorank compress output (no "
+                f"{COMPRESS_META}); --overwrite replaces only those")
+    return None
+
+
 def _same_place(a: Path, b: Path) -> bool:
     """Whether ``b`` is ``a`` or lies inside it (or the reverse)."""
     ra, rb = a.resolve(), b.resolve()
@@ -294,6 +318,10 @@ def run(args) -> int:
     if _same_place(src, Path(args.out)):
         print(f"lorank compress: the output {args.out} is (inside) the input {src}: writing "
               f"there would overwrite the trained model; choose another -o", file=sys.stderr)
+        return 2
+    problem = _output_problem(Path(args.out), args.overwrite)
+    if problem:
+        print(f"lorank compress: {problem}", file=sys.stderr)
         return 2
     try:
         if args.method in TRAINABLE:

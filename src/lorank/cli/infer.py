@@ -42,9 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown split(s) {bad or splits}: use train, valid or test")
     cfg = TrainConfig(batch_size=args.batch_size, max_tokens=args.max_tokens, progress=False)
     dev = resolve_device(args.device)
-    task, model, _ = load_run(args.checkpoint, device=dev, data=True, corpus=args.corpus)
+    task, model, meta = load_run(args.checkpoint, device=dev, data=True, corpus=args.corpus)
     trainer = Trainer(task, cfg, DistContext(device=dev))
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "task": task.name}
+    if meta.get("kind") == "lorank":  # written by lorank compress
+        result["compressed"] = True
     result.update(task.summary(model))
     for split in splits:
         r = trainer.evaluate(split, model)

@@ -253,8 +253,8 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_adapters(model: nn.Module, path: str | Path, *, inplace: bool = False) -> nn.Module:
-    """Attach the adapters saved in ``path`` (same configuration and layers) to ``model``
-    and load their values exactly."""
+    """``model`` (a copy unless ``inplace``) with the adapters saved in ``path`` (same
+    configuration and layers) attached and their values loaded exactly."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "lorank.adapters/1":

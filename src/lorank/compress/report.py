@@ -106,8 +106,10 @@ class CompressionReport:
 
     def table(self) -> str:
         """A Markdown table, one row per matrix, then totals."""
+        unit = "token" if all(x.kind != "conv" for x in self.layers) else \
+            "token (conv: per example or position, see note)"
         head = ("| layer | kind | shape | rank | params before | params after | "
-                "MFLOPs/token before | after | weight err | output err | note |")
+                f"MFLOPs/{unit} before | after | weight err | output err | note |")
         rows = [head, "|" + "---|" * 11]
         for x in self.layers:
             rank = "-" if x.rank is None else (f"{x.rank}x{x.blocks}" if x.blocks > 1

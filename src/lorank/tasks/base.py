@@ -143,6 +143,9 @@ class Task:
         out: dict[str, Any] = {"model": self.model_name()}
         out.update(self.data_config.to_dict())
         out.update({k: v for k, v in self.model_config.to_dict().items() if k != "model"})
+        rank = getattr(model, "rank", None)
+        if isinstance(rank, int) and rank != out.get("rank"):
+            out["model_rank"] = rank  # the rank the weights have (a compressed transition)
         out["params"] = sum(p.numel() for p in model.parameters())
         out.update(self.extra_summary())
         return out
