@@ -185,15 +185,25 @@ def convert(args, corpus, store: dict) -> None:
                   f"{rec['val_ppl']:.1f}", flush=True)
 
 
+def time_offset(store: dict, r: dict) -> float:
+    """Seconds spent before a model's own training: for a converted model, its dense source's
+    training and the KL fit (0 for the others)."""
+    if r["kind"] != "convert":
+        return 0.0
+    return store["models"][r["source"]]["train_seconds"] + r["kl_fit_seconds"]
+
+
 def table(store: dict) -> str:
     rows = []
     for r in sorted(store["models"].values(), key=lambda r: (r["kind"], r["num_states"],
                                                              r["rank"] or 0)):
         rows.append([r["key"], r["num_states"], r["rank"], r["params"], r["val_ppl"],
                      r.get("val_ppl_before_finetune"), r["steps"], r["train_seconds"],
-                     r["infer_tokens_per_s"]])
+                     r["train_seconds"] + time_offset(store, r),
+                     f"{r['train_seconds'] / max(r['steps'], 1):.2f}", r["infer_tokens_per_s"]])
     header = ["model", "states", "rank", "params", "val ppl", "val ppl (KL fit only)", "steps",
-              "train s", "inference tokens/s"]
+              "train s", "total s (convert: + source + fit)", "s / step",
+              "inference tokens/s"]
     return markdown_table(header, rows)
 
 
@@ -211,6 +221,7 @@ def plot(store: dict, path: Path) -> bool:
     for r in store["models"].values():
         kind = "convert" if r["kind"] == "convert" else r["model"]
         t, v = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+        t = [x + time_offset(store, r) for x in t]  # converts: after the source's training
         axes[0].plot(t, v, "-", color=colors[kind], alpha=0.35 + 0.6 * (r["num_states"] /
                      max(x["num_states"] for x in store["models"].values())), lw=1.2)
         axes[0].annotate(r["key"].replace("_", " "), (t[-1], v[-1]) if t else (0, 0),
@@ -225,8 +236,10 @@ def plot(store: dict, path: Path) -> bool:
         dense = store["models"].get(f"hmm_Z{z}")
         if dense:
             axes[2].axhline(dense["val_ppl"], color="tab:red", lw=0.8, ls="--")
-            axes[2].annotate(f"dense Z={z}", (1, dense["val_ppl"]), fontsize=6, color="tab:red")
-    axes[0].set(xlabel="training seconds", ylabel="validation perplexity",
+            axes[2].annotate(f"dense Z={z}", (0.01, dense["val_ppl"]), fontsize=6,
+                             color="tab:red", xycoords=("axes fraction", "data"))
+    axes[0].set(xlabel="training seconds (converts: after the dense source's)",
+                ylabel="validation perplexity",
                 title="perplexity over training time")
     axes[1].set(xscale="log", xlabel="inference tokens/s (forward only)",
                 ylabel="validation perplexity", title="accuracy vs inference speed")
