@@ -40,7 +40,6 @@ import torch
 from _common import machine_description
 
 import lorank
-from lorank.rules import random_rules
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- inference_speed:begin -->", "<!-- inference_speed:end -->"
@@ -271,8 +270,12 @@ def bare_hsmm(kind, p, em):
 
 # ---- PCFG -------------------------------------------------------------------------------------
 def pcfg_inputs(kind, m, r, n, b, gen):
-    rules = random_rules(kind, m, m, rank=r, dtype=torch.float32, generator=gen)
-    params = {k: v for k, v in vars(rules).items() if isinstance(v, torch.Tensor)}
+    s = 2 * m  # m nonterminals and m preterminals
+    if kind == "dense":
+        params = {"logits": torch.randn(m, s, s, generator=gen)}
+    else:  # CPRules / RankSpaceRules(head, left, right)
+        params = {name: torch.randn(rows, r, generator=gen)
+                  for name, rows in (("head", m), ("left", s), ("right", s))}
     term = torch.randn(b, n, m, generator=gen).log_softmax(-1)
     return {"rules": params, "root": torch.randn(m, generator=gen), "kind": kind}, term
 
@@ -471,7 +474,7 @@ def run_train(args, gen) -> list[dict]:
     steps = {}
     for name, kw in specs.items():
         torch.manual_seed(0)
-        model = HMMLanguageModel(vocab, args.train_states, hidden=128, **kw)
+        model = HMMLanguageModel(vocab_size=vocab, num_states=z, hidden=128, **kw)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def step(model=model, opt=opt):
