@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_gflops(args.device, args.peak_n)
     print(f"machine: {machine_description()}\nsquare matmul: {peak:.1f} GFLOP/s", flush=True)
     rows = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_path = args.out.with_suffix(".png")
     plot(rows, plot_path)
     write_results(rows, peak, args, args.out, plot_path)
