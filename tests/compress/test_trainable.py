@@ -125,6 +125,59 @@ def test_trp_energy_rank_and_nuclear_subgradient(gen):
     assert torch.linalg.matrix_rank(model.proj.weight) == 5
 
 
+def test_trp_nuclear_subgradient_is_the_gradient_of_the_current_nuclear_norm(gen):
+    model = _model()
+    trp = TRP(model, TRPConfig(rank=2, nuclear_weight=1.0, target_modules=["proj"]))
+    w = model.proj.weight.detach().clone().requires_grad_()
+    torch.linalg.matrix_norm(w, "nuc").backward()  # full rank: the gradient is U V^T
+    model.proj.weight.grad = None
+    trp.before_step()  # not projected yet: the tail is regularized too, not only the top 2
+    torch.testing.assert_close(model.proj.weight.grad, w.grad, atol=1e-10, rtol=0)
+    s0 = torch.linalg.svdvals(model.proj.weight.detach())
+    with torch.no_grad():
+        model.proj.weight -= 0.1 * model.proj.weight.grad
+    s1 = torch.linalg.svdvals(model.proj.weight.detach())
+    torch.testing.assert_close(s0 - s1, torch.full_like(s0, 0.1), atol=1e-10, rtol=0)
+
+
+def test_trp_compress_does_not_cut_an_energy_projection_twice(gen):
+    data = _data(gen)
+    model = _model()
+    trp = TRP(model, TRPConfig(energy=0.9, period=1, target_modules=["proj"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trp.attach(opt)
+    for b in data:  # the last step projects
+        opt.zero_grad()
+        _loss(model(b), b).backward()
+        opt.step()
+    trp.detach()
+    trained = model.proj.weight.detach().clone()
+    small, report = trp.compress()
+    assert [r.rank for r in report.layers] == trp.ranks["proj"]
+    assert torch.equal(model.proj.weight, trained)  # no further projection
+    torch.testing.assert_close(small.proj.dense_weight(), trained, atol=1e-10, rtol=0)
+
+
+def test_trp_projects_a_tied_weight_once_and_attaches_once(gen):
+    emb = nn.Embedding(10, 6).to(D)
+    head = nn.Linear(6, 10, bias=False).to(D)
+    head.weight = emb.weight  # tied
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    trp = TRP(model, TRPConfig(energy=0.8, nuclear_weight=1.0))
+    assert [w.key for w in trp.matrices] == ["emb"] and trp.aliases == {"head": "emb"}
+    emb.weight.grad = None
+    trp.before_step()  # one subgradient, not two
+    torch.testing.assert_close(emb.weight.grad, TRP.nuclear_subgradient(trp.matrices[0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trp.attach(opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        trp.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    trp.detach()
+    first = trp.project()["emb"]
+    small, report = trp.compress()  # no step since the projection: the same ranks
+    assert {r.name: r.rank for r in report.layers} == {"emb": first[0], "head": first[0]}
+
+
 def test_trp_compress_is_exact_and_reports_ranks(gen):
     data = _data(gen)
     model = _model()

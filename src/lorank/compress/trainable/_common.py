@@ -156,17 +156,22 @@ class StepHooks:
         self.steps = 0
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StepHooks:
-        """Hook into ``optimizer`` (several optimizers may be attached); returns self."""
+        """Hook into ``optimizer`` (one at a time: the one whose ``step()`` is one training
+        step, holding the selected weights); returns self."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if self._handles:
+            raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer: "
+                               f"each of its steps is one training step, so a second one "
+                               f"would apply the method twice per step; detach() first")
         self._handles.append(optimizer.register_step_pre_hook(
             lambda opt, args, kwargs: self.before_step()))
         self._handles.append(optimizer.register_step_post_hook(self._post))
         return self
 
     def detach(self) -> None:
-        """Remove the hooks from every attached optimizer."""
+        """Remove the hooks from the attached optimizer."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
