@@ -442,6 +442,10 @@ def test_cli_trainable_methods_fine_tune_a_lorank_run(method, tiny_corpus, tmp_p
     assert main(["eval", str(out), "--split", "valid", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert abs(evaluated["valid_ppl"] - info["valid_ppl_after"]) < 1e-6 * info["valid_ppl_after"]
+    # overwritten by another kind of output: no file of the earlier one is left behind
+    assert main(["compress", str(run), "-o", str(out), "--rank", "2", "--overwrite"]) == 0
+    assert not (out / "train_low_rank.json").exists()
+    assert not (out / "compress_report.md").exists()
 
 
 def test_cli_trainable_methods_need_a_lorank_run_and_a_rank(tiny_corpus, tmp_path, capsys):
@@ -457,3 +461,8 @@ def test_cli_trainable_methods_need_a_lorank_run_and_a_rank(tiny_corpus, tmp_pat
     assert main(["compress", str(run), "-o", str(tmp_path / "o"), "--method", "maestro",
                  "--energy", "0.9"]) == 2
     assert "--method maestro takes --rank" in capsys.readouterr().err
+    # a rank that no prefix can have is refused before any training step
+    assert main(["compress", str(run), "-o", str(tmp_path / "o"), "--method", "maestro",
+                 "--rank", "99", "--steps", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds min" in err and "finetune step" not in err

@@ -440,21 +440,34 @@ def test_sltrain_gradients_reach_only_the_support(gen):
     w = mod.dense_weight().detach().requires_grad_()
     (x @ w.mT).pow(2).sum().backward()
     mod(x).sub(mod.bias).pow(2).sum().backward()
+    # the chain rule through W = 0.5 B A + S: only S's support gets a gradient of its own
     assert torch.allclose(mod.sparse_values.grad, w.grad.view(-1)[mod.sparse_index])
-    opt = torch.optim.Adam(mod.parameters(), lr=0.1)
-    s_before = mod.dense_weight().detach() - 0.5 * (mod.second.weight @ mod.first.weight)
-    opt.step()
-    s_after = mod.dense_weight().detach() - 0.5 * (mod.second.weight @ mod.first.weight)
-    off = torch.ones(63, dtype=torch.bool)
-    off[mod.sparse_index] = False
-    assert torch.allclose(s_after.view(-1)[off], torch.zeros(53, dtype=D), atol=1e-12)
-    assert not torch.allclose(s_after, s_before)
+    b, a = mod.second.weight.detach(), mod.first.weight.detach()
+    assert torch.allclose(mod.second.weight.grad, 0.5 * w.grad @ a.mT, atol=1e-12)
+    assert torch.allclose(mod.first.weight.grad, 0.5 * b.mT @ w.grad, atol=1e-12)
     # the backward recomputes W: no out x in tensor is saved for it
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
                                                   lambda t: t):
         mod(x)
     assert saved and (7, 9) not in saved
+
+
+def test_sltrain_trains_under_autocast(gen):
+    torch.manual_seed(0)
+    mod = SLTrainLinear(16, 8, 4, 20, generator=gen)
+    with torch.no_grad():
+        mod.second.weight.normal_(generator=gen)
+    x = torch.randn(3, 16, generator=gen)
+    ref = mod(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+    y.float().pow(2).sum().backward()
+    grads = [mod.sparse_values.grad, mod.first.weight.grad, mod.second.weight.grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+               for g in grads)
 
 
 def test_sparse_lowrank_linear_gradcheck(gen):
@@ -541,6 +554,40 @@ def test_maestro_rank_limits(gen):
         mae.compress(rank=4)
     with pytest.raises(ValueError, match=r"\[1, 6\] \(the capacity\)"):
         mae.model.proj.set_unit_rank("", 7)
+
+
+def test_maestro_shrink_keys_report_and_rnn_capacity(gen):
+    # capacity: only the selected RNN matrices count (W_hh 64 x 16 takes rank 8 although
+    # W_ih of layer 0 has 4 columns)
+    lstm = nn.Sequential(nn.LSTM(4, 16)).to(D)
+    mae = Maestro(lstm, MaestroConfig(rank=8, rnn_matrices=("hh",)))
+    assert mae.rank_report()["0.weight_hh_l0"]["capacity"] == 8
+    with pytest.raises(ValueError, match="rank=8 exceeds min"):
+        Maestro(lstm, MaestroConfig(rank=8, rnn_matrices=("ih", "hh")))
+    # shrinking redraws the widths inside the new ranks: no gradient reaches pruned parts
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(D)
+    dense_params = sum(p.numel() for p in model.parameters())
+    mae = Maestro(model, MaestroConfig(sampler="independent", seed=1))
+    lin = mae.model[0]
+    lin.width = 8
+    with torch.no_grad():
+        lin.first.weight[2:] *= 1e-6  # components 2.. unimportant
+        lin.second.weight[:, 2:] *= 1e-6
+    mae.shrink(threshold=1e-3)
+    assert lin.rank == 2 and lin.width <= 2
+    lin.width = 8  # a stale width is clipped to the rank all the same
+    mae.model.train()
+    mae.model(torch.randn(5, 8, dtype=D, generator=gen)).sum().backward()
+    assert (lin.first.weight.grad[2:] == 0).all() and (lin.second.weight.grad[:, 2:] == 0).all()
+    # a rank dict with an unknown key is an error, not silently ignored
+    with pytest.raises(KeyError, match=r"unknown unit keys \['O'\]; the units are \['0', '2'\]"):
+        mae.compress(rank={"O": 1})
+    with pytest.raises(KeyError, match="unknown unit keys"):
+        mae.truncate({"zero": 1})
+    # the report counts the dense model's parameters as "before"
+    small, report = mae.compress()
+    assert report.model_params_before == dense_params
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
 
 
 def test_hf_conv1d_layers(gen):

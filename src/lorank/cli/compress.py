@@ -27,6 +27,7 @@ and report the validation metric before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -40,8 +41,10 @@ from lorank.compress.config import DATA_AWARE, LAYER_TYPES, METHODS, CompressCon
 from lorank.compress.core import compress, count_parameters, output_tensor
 from lorank.compress.hmm import compress_hmm
 from lorank.compress.io import META as COMPRESS_META
+from lorank.compress.io import REPORT as COMPRESS_REPORT
+from lorank.compress.io import WEIGHTS as COMPRESS_WEIGHTS
 from lorank.compress.io import save_compressed
-from lorank.compress.trainable import MaestroConfig, TRPConfig, train_low_rank
+from lorank.compress.trainable import Maestro, MaestroConfig, TRPConfig, train_low_rank
 from lorank.nn.hmm import NeuralHMM
 from lorank.tasks import load_run
 from lorank.tasks.base import Task
@@ -50,6 +53,10 @@ from lorank.train.distributed import DistContext
 from lorank.train.trainer import TrainConfig, Trainer
 
 __all__ = ["add_parser", "run"]
+
+#: the files lorank compress writes (the model's, the structure, the reports)
+_OWN_OUTPUTS = (COMPRESS_WEIGHTS, COMPRESS_META, COMPRESS_REPORT, "compress_report.md",
+                "train_low_rank.json")
 
 #: methods that fine-tune (lorank.compress.trainable); the others factorize in one shot
 TRAINABLE = ("trp", "maestro")
@@ -175,6 +182,9 @@ def _trainable_config_from_args(args) -> TRPConfig | MaestroConfig:
 def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | MaestroConfig):
     """Fine-tune a lorank run's model with TRP / Maestro on its training split; returns
     ``(model, report, info)`` with the validation metric before and after."""
+    if isinstance(config, MaestroConfig) and args.rank is not None:
+        # the prefix kept must fit every selected matrix: say so before training, not after
+        Maestro(model, dataclasses.replace(config, rank=args.rank, inplace=False))
     trainer = Trainer(task, TrainConfig(batch_size=args.train_batch_size,
                                         max_tokens=args.max_tokens, progress=False),
                       DistContext(device=torch.device("cpu")))
@@ -323,6 +333,9 @@ def run(args) -> int:
     if problem:
         print(f"lorank compress: {problem}", file=sys.stderr)
         return 2
+    if args.overwrite:  # an earlier output's own files go, so none of them is left stale
+        for name in _OWN_OUTPUTS:
+            (Path(args.out) / name).unlink(missing_ok=True)
     try:
         if args.method in TRAINABLE:
             if not lorank_ckpt:

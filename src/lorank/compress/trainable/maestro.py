@@ -120,7 +120,7 @@ class MaestroLinear(LowRankLinear):
 
     # ---- computation ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.width if self.training and self.width else self.rank
+        k = min(self.width, self.rank) if self.training and self.width else self.rank
         return F.linear(F.linear(x, self.first.weight[:k]), self.second.weight[:, :k],
                         self.second.bias)
 
@@ -218,8 +218,8 @@ class MaestroRNN(LowRankRNN):
 
     # ---- computation ----------------------------------------------------------------------
     def _k(self, name: str) -> int:
-        w = self.widths.get(name)
-        return w if self.training and w else self.unit_rank(name)
+        w, r = self.widths.get(name), self.unit_rank(name)
+        return min(w, r) if self.training and w else r
 
     def _dense(self, name: str, k: int) -> torch.Tensor:
         left, right = self.factors(name)
@@ -371,6 +371,8 @@ class Maestro(StepHooks):
             raise TypeError(f"config must be a MaestroConfig, got {type(config).__name__}")
         self.config = config
         targets = select(model, config)
+        #: parameters of the dense model (the report's "before")
+        self.dense_params = sum(p.numel() for p in model.parameters())
         if not config.inplace:
             model = copy.deepcopy(model)
             targets = select(model, config)
@@ -385,9 +387,16 @@ class Maestro(StepHooks):
             else:
                 gates = 4 if t.layer_type == "lstm" else 3
                 g = gates if config.rnn_granularity == "per_gate" else 1
-                small = min(t.module.input_size, t.module.hidden_size,
-                            gates * t.module.hidden_size // g)
-                self._capacity(t.name, small)
+                rows = gates * t.module.hidden_size // g  # of each factorized block
+                out = getattr(t.module, "proj_size", 0) or t.module.hidden_size
+                dirs = 2 if t.module.bidirectional else 1
+                cols = []  # the selected matrices' input sizes
+                for layer in range(t.module.num_layers):
+                    if "ih" in config.rnn_matrices:
+                        cols.append(t.module.input_size if layer == 0 else out * dirs)
+                    if "hh" in config.rnn_matrices:
+                        cols.append(out)
+                self._capacity(t.name, min([rows, *cols]))
                 new = MaestroRNN.from_dense(t.module, config.rnn_matrices,
                                             config.rnn_granularity, config.rank)
             new.train(t.module.training)
@@ -458,6 +467,7 @@ class Maestro(StepHooks):
         for u in self.units:
             keep = int((importance[u.key] >= thr).sum())
             u.module.set_unit_rank(u.sub, min(u.rank, max(self.config.min_rank, keep)))
+        self.resample()  # widths within the new ranks
         return {u.key: u.rank for u in self.units}
 
     def resample(self) -> None:
@@ -492,10 +502,18 @@ class Maestro(StepHooks):
                           "params": blocks * u.rank * (m // blocks + n), "dense_params": m * n}
         return out
 
+    def _check_rank_keys(self, rank, where: str) -> None:
+        if isinstance(rank, dict):
+            unknown = sorted(set(rank) - {u.key for u in self.units})
+            if unknown:
+                raise KeyError(f"Maestro.{where}: unknown unit keys {unknown}; the units are "
+                               f"{[u.key for u in self.units]}")
+
     def truncate(self, rank: int | dict[str, int] | None = None) -> nn.Module:
         """Keep only the first ``rank`` components of every unit (or ``rank[key]``; default:
         each unit's rank) as the parameters themselves, in place; returns the model.
         Rebuild optimizers afterwards."""
+        self._check_rank_keys(rank, "truncate")
         for u in self.units:
             k = rank.get(u.key) if isinstance(rank, dict) else rank
             u.module.truncate(u.rank if k is None else k, u.sub)
@@ -506,7 +524,9 @@ class Maestro(StepHooks):
         """A copy of the model with every Maestro layer replaced by a ``LowRankLinear`` /
         ``LowRankRNN`` holding the first ``rank`` components of each unit (or
         ``rank[key]``; default: each unit's rank), and its report (``weight_error``: the
-        truncation's relative error against the unit at its rank)."""
+        truncation's relative error against the unit at its rank; parameters "before" are
+        those of the dense model Maestro was given)."""
+        self._check_rank_keys(rank, "compress")
         want = {}
         for u in self.units:
             k = rank.get(u.key) if isinstance(rank, dict) else rank
@@ -524,7 +544,7 @@ class Maestro(StepHooks):
                 kind = "linear" if isinstance(u.module, MaestroLinear) else u.module.mode.lower()
                 report.layers.append(layer_row(u.key, kind, tuple(before.shape), k, blocks,
                                                weight_error=err))
-        report.model_params_before = sum(p.numel() for p in self.model.parameters())
+        report.model_params_before = self.dense_params
         small = copy.deepcopy(self.model)
         for name, mod in list(small.named_modules()):
             if isinstance(mod, MaestroLinear | MaestroRNN):

@@ -32,8 +32,8 @@ __all__ = ["SLTrainConfig", "SLTrainLinear", "sltrain", "sltrain_report", "spars
 
 def _weight(b: torch.Tensor, a: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
             scale: float) -> torch.Tensor:
-    w = (b @ a) * scale
-    return w.view(-1).index_add_(0, index, values).view_as(w)
+    w = (b @ a) * scale  # under autocast: in the autocast dtype, so values follow it
+    return w.view(-1).index_add_(0, index, values.to(w.dtype)).view_as(w)
 
 
 class _SparseLowRankFunction(torch.autograd.Function):
@@ -50,10 +50,11 @@ class _SparseLowRankFunction(torch.autograd.Function):
         x, b, a, values, index = ctx.saved_tensors
         need = ctx.needs_input_grad
         gx = gb = ga = gv = gbias = None
+        gy = gy.to(b.dtype)  # autocast: the output (and its gradient) was in lower precision
         if need[0]:
-            gx = gy @ _weight(b, a, values, index, ctx.scale)
+            gx = (gy @ _weight(b, a, values, index, ctx.scale)).to(x.dtype)
         if need[1] or need[2] or need[3]:
-            gw = gy.reshape(-1, gy.shape[-1]).mT @ x.reshape(-1, x.shape[-1])  # (out, in)
+            gw = gy.reshape(-1, gy.shape[-1]).mT @ x.reshape(-1, x.shape[-1]).to(b.dtype)
             if need[1]:
                 gb = (gw @ a.mT) * ctx.scale
             if need[2]:
@@ -80,9 +81,9 @@ class SLTrainLinear(SparseLowRankLinear):
     ``first.weight = A`` (r x in), ``sparse_index`` (sorted flat indices into the out x in
     matrix, a buffer) and ``sparse_values`` (a parameter).
 
-    Initialized as in the paper's code: ``B = 0``, ``A`` Kaiming-uniform (``nn.Linear``'s
-    default), the support uniform at random without replacement, its values and the bias
-    uniform in ``+-1/sqrt(in)``; ``scale = alpha / rank``."""
+    Initialized following the paper: ``B = 0``, ``A`` Kaiming-uniform (``nn.Linear``'s
+    default), the support uniform at random without replacement; its values and the bias
+    uniform in ``+-1/sqrt(in)`` (``nn.Linear``'s bias rule); ``scale = alpha / rank``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, nnz: int,
                  bias: bool = True, *, scale: float = 1.0, generator: torch.Generator | None = None,
