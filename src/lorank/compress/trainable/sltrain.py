@@ -87,14 +87,15 @@ class SLTrainLinear(SparseLowRankLinear):
 
     def __init__(self, in_features: int, out_features: int, rank: int, nnz: int,
                  bias: bool = True, *, scale: float = 1.0, generator: torch.Generator | None = None,
-                 device=None, dtype=None, orig: str = "Linear"):
+                 device=None, dtype=None, orig: str = "Linear", init: bool = True):
         super().__init__(in_features, out_features, rank, nnz, bias, device=device, dtype=dtype,
                          orig=orig)
         if not 0 <= nnz <= in_features * out_features:
             raise ValueError(f"nnz must lie in [0, {in_features * out_features}] for a "
                              f"{out_features}x{in_features} matrix, got {nnz}")
         self.scale = float(scale)
-        self.reset_parameters(generator)
+        if init:  # False: the values are about to be loaded (no O(m n) support draw)
+            self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -151,8 +152,7 @@ class SLTrainLinear(SparseLowRankLinear):
     def from_structure(cls, spec: dict) -> SLTrainLinear:
         """An uninitialized module of the shapes of a :meth:`structure` dict."""
         return cls(spec["in_features"], spec["out_features"], spec["rank"], spec["nnz"],
-                   spec["bias"], scale=spec["scale"], orig=spec.get("orig", "Linear"),
-                   generator=torch.Generator().manual_seed(0))
+                   spec["bias"], scale=spec["scale"], orig=spec.get("orig", "Linear"), init=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nnz={self.nnz}, scale={self.scale:g}"
