@@ -49,7 +49,7 @@ from lorank.nn.hmm import NeuralHMM
 from lorank.tasks import load_run
 from lorank.tasks.base import Task
 from lorank.train.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION
-from lorank.train.distributed import DistContext
+from lorank.train.distributed import DistContext, resolve_device
 from lorank.train.trainer import TrainConfig, Trainer
 
 __all__ = ["add_parser", "run"]
@@ -121,6 +121,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="sequences per fine-tuning batch")
     t.add_argument("--max-tokens", type=int, default=4096,
                    help="padded units per fine-tuning / evaluation batch")
+    t.add_argument("--device", default="auto",
+                   help="where to fine-tune: auto (a GPU when present), cpu, cuda, cuda:N")
     d_trp, d_mae = TRPConfig(rank=1), MaestroConfig()
     t.add_argument("--trp-period", type=int, default=d_trp.period,
                    help="trp: steps between projections")
@@ -185,9 +187,10 @@ def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | 
     if isinstance(config, MaestroConfig) and args.rank is not None:
         # the prefix kept must fit every selected matrix: say so before training, not after
         Maestro(model, dataclasses.replace(config, rank=args.rank, inplace=False))
+    dev = next(model.parameters()).device
     trainer = Trainer(task, TrainConfig(batch_size=args.train_batch_size,
                                         max_tokens=args.max_tokens, progress=False),
-                      DistContext(device=torch.device("cpu")))
+                      DistContext(device=dev))
     before = trainer.evaluate("valid", model)[task.metric]
     params_before = count_parameters(model)
     data = list(task.batches("train", batch_size=args.train_batch_size,
@@ -195,7 +198,7 @@ def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | 
     torch.manual_seed(args.seed)
     small, report, losses = train_low_rank(
         model, data, lambda nll, batch: nll / task.count(batch), config, steps=args.steps,
-        lr=args.lr, forward_fn=lambda m, batch: task.nll(m, batch, None),
+        lr=args.lr, forward_fn=lambda m, batch: task.nll(m, task.to_device(batch, dev), None),
         rank=args.rank if args.method == "maestro" else None,
         log_every=max(args.steps // 10, 1), log=lambda line: print(line, file=sys.stderr))
     after = trainer.evaluate("valid", small)[task.metric]
@@ -204,7 +207,7 @@ def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | 
             f"valid_{task.metric}_before": before, f"valid_{task.metric}_after": after,
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
-    return small, report, info
+    return small.cpu(), report, info
 
 
 def _read_lines(path: str, n: int) -> list[str]:
@@ -290,7 +293,8 @@ def _same_place(a: Path, b: Path) -> bool:
 
 def _run_lorank(args, src: Path, config: CompressConfig | TRPConfig | MaestroConfig):
     trainable = not isinstance(config, CompressConfig)
-    task, model, meta = load_run(src, data=trainable)
+    device = resolve_device(args.device) if trainable else "cpu"
+    task, model, meta = load_run(src, data=trainable, device=device)
     base = {"kind": "lorank", "format_version": FORMAT_VERSION, "task": task.name,
             "data_config": task.data_config.to_dict(),
             "model_config": task.model_config.to_dict(),
