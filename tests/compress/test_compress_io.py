@@ -291,7 +291,7 @@ def test_compress_a_neural_hmm_language_model(gen):
     model = _tiny_hmm_lm()
     x = torch.randint(0, 20, (3, 6), generator=gen)
     with torch.no_grad():
-        errs = [compress_hmm(model, r)[1]["rel_frobenius"] for r in (1, 2, 3)]
+        errs = [compress_hmm(model, r, loss="frobenius")[1]["rel_frobenius"] for r in (1, 2, 3)]
         assert errs[0] > errs[1] > errs[2]
         low, info = compress_hmm(model, 3)
         # a submodule swap: the transition network changes, nothing else
@@ -466,3 +466,25 @@ def test_cli_trainable_methods_need_a_lorank_run_and_a_rank(tiny_corpus, tmp_pat
                  "--rank", "99", "--steps", "1000"]) == 2
     err = capsys.readouterr().err
     assert "exceeds min" in err and "finetune step" not in err
+
+
+def test_cli_hmm_run_kl_fit_then_fine_tuning(tiny_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(tiny_corpus), "--model", "hmm", "--states", "8",
+                 "--hidden", "8", "--batch-size", "16", "--max-steps", "3", "--no-progress",
+                 "--out", str(run)]) == 0
+    fits = {}
+    for fit in ("kl", "frobenius"):
+        out = tmp_path / fit
+        assert main(["compress", str(run), "-o", str(out), "--rank", "3", "--hmm-fit", fit,
+                     "--steps", "4", "--trp-period", "2"]) == 0
+        info = json.loads((out / "compress_report.json").read_text())
+        assert info["fit"] == fit and info["finetune_steps"] == 4
+        fits[fit] = info
+        capsys.readouterr()
+        assert main(["eval", str(out), "--split", "valid", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["valid_ppl"]
+        assert abs(got - info["valid_ppl_after"]) < 1e-6 * got  # the saved model is the tuned one
+    # two different fits (both fine-tuned from their own starting point)
+    assert fits["kl"]["rel_frobenius"] != fits["frobenius"]["rel_frobenius"]
+    assert fits["kl"]["valid_ppl_fit"] != fits["frobenius"]["valid_ppl_fit"]

@@ -39,6 +39,7 @@ import torch
 from lorank._io import atomic_write_bytes, atomic_write_json
 from lorank.compress.config import DATA_AWARE, LAYER_TYPES, METHODS, CompressConfig
 from lorank.compress.core import compress, count_parameters, output_tensor
+from lorank.compress.finetune import finetune
 from lorank.compress.hmm import compress_hmm
 from lorank.compress.io import META as COMPRESS_META
 from lorank.compress.io import REPORT as COMPRESS_REPORT
@@ -114,8 +115,14 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--share-dictionary", default=None,
                    help="regex over layer names: layers whose match captures the same groups "
                         "share one dictionary")
-    t = p.add_argument_group("trainable low rank (--method trp|maestro; lorank runs only)")
-    t.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    t = p.add_argument_group("fine-tuning a lorank run (--method trp|maestro, or after an HMM "
+                             "run's transition is factorized)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="fine-tuning steps on the run's training split (default: 200 for trp "
+                        "and maestro, none after an HMM fit)")
+    t.add_argument("--hmm-fit", choices=["kl", "frobenius"], default="kl",
+                   help="an HMM run's transition: positive rank-R factorization by row KL "
+                        "(default) or Frobenius error")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     t.add_argument("--train-batch-size", type=int, default=64,
                    help="sequences per fine-tuning batch")
@@ -181,33 +188,76 @@ def _trainable_config_from_args(args) -> TRPConfig | MaestroConfig:
                          seed=args.seed, inplace=True, **sel)
 
 
+class _RunTraining:
+    """A lorank run's training split as fine-tuning data (the task's batches and loss) and
+    its validation metric, on the model's device."""
+
+    def __init__(self, args, task: Task, model: torch.nn.Module):
+        self.args, self.task = args, task
+        self.device = next(model.parameters()).device
+        self.trainer = Trainer(task, TrainConfig(batch_size=args.train_batch_size,
+                                                 max_tokens=args.max_tokens, progress=False),
+                               DistContext(device=self.device))
+        self.data = list(task.batches("train", batch_size=args.train_batch_size,
+                                      max_tokens=args.max_tokens, shuffle=True,
+                                      seed=args.seed))
+
+    def valid(self, model: torch.nn.Module) -> float:
+        return self.trainer.evaluate("valid", model)[self.task.metric]
+
+    def loss(self, nll: torch.Tensor, batch) -> torch.Tensor:
+        return nll / self.task.count(batch)
+
+    def forward(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        return self.task.nll(model, self.task.to_device(batch, self.device), None)
+
+    def kwargs(self, steps: int) -> dict:
+        """Keyword arguments of :func:`finetune` / :func:`train_low_rank`."""
+        return dict(steps=steps, lr=self.args.lr, forward_fn=self.forward,
+                    log_every=max(steps // 10, 1),
+                    log=lambda line: print(line, file=sys.stderr))
+
+
 def _train_lorank(args, task: Task, model: torch.nn.Module, config: TRPConfig | MaestroConfig):
     """Fine-tune a lorank run's model with TRP / Maestro on its training split; returns
     ``(model, report, info)`` with the validation metric before and after."""
     if isinstance(config, MaestroConfig) and args.rank is not None:
         # the prefix kept must fit every selected matrix: say so before training, not after
         Maestro(model, dataclasses.replace(config, rank=args.rank, inplace=False))
-    dev = next(model.parameters()).device
-    trainer = Trainer(task, TrainConfig(batch_size=args.train_batch_size,
-                                        max_tokens=args.max_tokens, progress=False),
-                      DistContext(device=dev))
-    before = trainer.evaluate("valid", model)[task.metric]
-    params_before = count_parameters(model)
-    data = list(task.batches("train", batch_size=args.train_batch_size,
-                             max_tokens=args.max_tokens, shuffle=True, seed=args.seed))
+    run = _RunTraining(args, task, model)
+    steps = 200 if args.steps is None else args.steps
+    before, params_before = run.valid(model), count_parameters(model)
     torch.manual_seed(args.seed)
     small, report, losses = train_low_rank(
-        model, data, lambda nll, batch: nll / task.count(batch), config, steps=args.steps,
-        lr=args.lr, forward_fn=lambda m, batch: task.nll(m, task.to_device(batch, dev), None),
-        rank=args.rank if args.method == "maestro" else None,
-        log_every=max(args.steps // 10, 1), log=lambda line: print(line, file=sys.stderr))
-    after = trainer.evaluate("valid", small)[task.metric]
-    info = {"method": args.method, "steps": args.steps, "lr": args.lr,
+        model, run.data, run.loss, config,
+        rank=args.rank if args.method == "maestro" else None, **run.kwargs(steps))
+    after = run.valid(small)
+    info = {"method": args.method, "steps": steps, "lr": args.lr,
             "params_before": params_before, "params_after": count_parameters(small),
             f"valid_{task.metric}_before": before, f"valid_{task.metric}_after": after,
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
     return small.cpu(), report, info
+
+
+def _compress_hmm_run(args, task: Task, model: NeuralHMM) -> tuple[NeuralHMM, dict]:
+    """Rank-R factorization of a trained HMM's transition (``--hmm-fit``), then ``--steps``
+    of fine-tuning on the run's training split if asked; info with the validation metric
+    of the source, of the fit, and after fine-tuning."""
+    if args.rank is None:
+        raise ValueError("a lorank HMM run takes --rank R: the rank of the nonnegative "
+                         "factorization of its transition")
+    model, info = compress_hmm(model, args.rank, loss=args.hmm_fit, inplace=True)
+    info["fit"] = args.hmm_fit
+    if args.steps:
+        run = _RunTraining(args, task, model)
+        info[f"valid_{task.metric}_fit"] = run.valid(model)
+        torch.manual_seed(args.seed)
+        losses = finetune(model, run.data, run.loss, **run.kwargs(args.steps))
+        info.update({"finetune_steps": args.steps, "lr": args.lr,
+                     f"valid_{task.metric}_after": run.valid(model),
+                     "first_loss": losses[0], "last_loss": losses[-1]})
+    return model.cpu().eval(), info
 
 
 def _read_lines(path: str, n: int) -> list[str]:
@@ -293,8 +343,9 @@ def _same_place(a: Path, b: Path) -> bool:
 
 def _run_lorank(args, src: Path, config: CompressConfig | TRPConfig | MaestroConfig):
     trainable = not isinstance(config, CompressConfig)
-    device = resolve_device(args.device) if trainable else "cpu"
-    task, model, meta = load_run(src, data=trainable, device=device)
+    needs_data = trainable or bool(args.steps)  # an HMM fit fine-tunes with --steps
+    device = resolve_device(args.device) if needs_data else "cpu"
+    task, model, meta = load_run(src, data=needs_data, device=device)
     base = {"kind": "lorank", "format_version": FORMAT_VERSION, "task": task.name,
             "data_config": task.data_config.to_dict(),
             "model_config": task.model_config.to_dict(),
@@ -305,11 +356,12 @@ def _run_lorank(args, src: Path, config: CompressConfig | TRPConfig | MaestroCon
     if trainable:
         return _train_lorank(args, task, model, config) + (base,)
     if isinstance(model, NeuralHMM):
-        if args.rank is None:
-            raise ValueError("a lorank HMM run takes --rank R: the rank of the nonnegative "
-                             "factorization of its transition")
-        model, info = compress_hmm(model, args.rank, inplace=True)
+        model, info = _compress_hmm_run(args, task, model)
         return model, None, info, base
+    if args.steps:
+        raise ValueError("--steps fine-tunes with --method trp|maestro or after an HMM run's "
+                         "transition fit; after a one-shot layer compression use "
+                         "lorank.compress.finetune")
     if config.data_aware:
         raise ValueError(f"--method {config.method} needs calibration data: use the Python "
                          f"API for lorank models")

@@ -156,14 +156,15 @@ def compress_hmm(
     model: NeuralHMM,
     rank: int,
     *,
-    loss: str = "frobenius",
+    loss: str = "kl",
     n_iter: int = 500,
     inplace: bool = False,
 ) -> tuple[NeuralHMM, dict]:
     """Replace the transition network of a trained neural HMM (:class:`lorank.nn.NeuralHMM`,
     e.g. a dense ``model="hmm"`` language model) by a :class:`FixedLowRankTransition` holding a
-    rank-``rank`` nonnegative factorization of its transition matrix (:func:`nmf_transition`)
-    and its initial logits: a submodule swap.  ``rank`` must lie below
+    rank-``rank`` nonnegative factorization of its transition matrix (:func:`nmf_transition`,
+    by default fitted by the mean row KL divergence, the likelihood's own measure; or
+    ``loss="frobenius"``, faster) and its initial logits: a submodule swap.  ``rank`` must lie below
     :func:`break_even_rank`.  Returns ``(model, info)`` with info: rank, Z, transition-network
     parameters before and after, relative Frobenius error and mean row KL of the new
     transition."""
