@@ -342,18 +342,33 @@ def _safe_forward(pi, em, pad, chains: Chains, bands: Bands) -> torch.Tensor:
 
 
 # ---- backward -------------------------------------------------------------------------------
+#: below this rank, a weight gradient is computed as the GEMM whose output rows are the rank
+#: (then copied to the matrix's layout): CPU BLAS runs that shape faster (benchmarks/RESULTS.md)
+SMALL_RANK_GEMM = 128
+
+
 def _weight_grad(
     x: torch.Tensor, g: torch.Tensor, batched: bool, like: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``sum_{t,b} x[t,b]^T g[t,b]`` as one GEMM: x (T, B, m), g (T, B, n) -> (m, n), or per
     example (B, m, n) for batched matrices.  If ``like`` (the matrix this is the gradient
-    of) is a transposed view, the result is too (computed as ``(g^T x)^T``), so that the
-    gradient reaches the matrix's producer in its own memory layout."""
-    if like is not None and like.stride(-2) == 1 and like.stride(-1) != 1:
-        return _weight_grad(g, x, batched).transpose(-1, -2)
+    of) is a transposed view, the result is too, so that the gradient reaches the matrix's
+    producer in its own memory layout."""
+    want_t = like is not None and like.stride(-2) == 1 and like.stride(-1) != 1
     if batched:
+        if want_t:
+            return (g.permute(1, 2, 0) @ x.transpose(0, 1)).transpose(-1, -2)
         return x.permute(1, 2, 0) @ g.transpose(0, 1)
-    return x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+    m, n = x.shape[-1], g.shape[-1]
+    xf, gf = x.reshape(-1, m), g.reshape(-1, n)
+    if m != n and min(m, n) <= SMALL_RANK_GEMM:
+        out = xf.t() @ gf if m < n else (gf.t() @ xf).t()  # rows of the product: the rank
+        if (m > n) != want_t:  # out is a transposed view iff m > n
+            out = out.t().contiguous().t() if want_t else out.contiguous()
+        return out
+    if want_t:
+        return (gf.t() @ xf).t()
+    return xf.t() @ gf
 
 
 def backward(
