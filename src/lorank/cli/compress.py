@@ -247,10 +247,12 @@ def _compress_hmm_run(args, task: Task, model: NeuralHMM) -> tuple[NeuralHMM, di
     if args.rank is None:
         raise ValueError("a lorank HMM run takes --rank R: the rank of the nonnegative "
                          "factorization of its transition")
+    run = _RunTraining(args, task, model) if args.steps else None
+    before = run.valid(model) if run else None
     model, info = compress_hmm(model, args.rank, loss=args.hmm_fit, inplace=True)
     info["fit"] = args.hmm_fit
-    if args.steps:
-        run = _RunTraining(args, task, model)
+    if run:
+        info[f"valid_{task.metric}_before"] = before
         info[f"valid_{task.metric}_fit"] = run.valid(model)
         torch.manual_seed(args.seed)
         losses = finetune(model, run.data, run.loss, **run.kwargs(args.steps))
