@@ -156,13 +156,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _selection_from_args(args) -> dict:
+    """The layer-selection fields shared by every compression config."""
+    return dict(target_modules=args.target_regex or args.target, exclude_modules=args.exclude,
+                layer_types=tuple(args.layer_types), rnn_matrices=tuple(args.rnn_matrices),
+                rnn_granularity=args.rnn_granularity)
+
+
 def _config_from_args(args) -> CompressConfig:
-    target = args.target_regex if args.target_regex else args.target
     return CompressConfig(
         method=args.method, rank=args.rank, param_reduction=args.param_reduction,
-        energy=args.energy, budget_reduction=args.budget_reduction, target_modules=target,
-        exclude_modules=args.exclude, layer_types=tuple(args.layer_types),
-        rnn_matrices=tuple(args.rnn_matrices), rnn_granularity=args.rnn_granularity,
+        energy=args.energy, budget_reduction=args.budget_reduction, **_selection_from_args(args),
         conv_decomposition=args.conv_decomposition,
         sparse_density=args.sparse_density, seed=args.seed,
         dict_sparsity=tuple(args.dict_sparsity), dict_nm=tuple(args.dict_nm),
@@ -176,9 +180,7 @@ def _trainable_config_from_args(args) -> TRPConfig | MaestroConfig:
     """The TRP / Maestro config of ``--method trp|maestro`` and the layer-selection options."""
     if args.param_reduction is not None or args.budget_reduction is not None:
         raise ValueError(f"--method {args.method} takes --rank (or, for trp, --energy)")
-    sel = dict(target_modules=args.target_regex or args.target, exclude_modules=args.exclude,
-               layer_types=tuple(args.layer_types), rnn_matrices=tuple(args.rnn_matrices),
-               rnn_granularity=args.rnn_granularity)
+    sel = _selection_from_args(args)
     if args.method == "trp":
         return TRPConfig(rank=args.rank, energy=args.energy, period=args.trp_period,
                          nuclear_weight=args.nuclear_weight, **sel)
