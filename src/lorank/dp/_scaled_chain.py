@@ -299,18 +299,25 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
     torch.sum(ah, -1, keepdim=True, out=scales[0])
     if _plain_lowrank(chains, bands):
         a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
+        # the step views made once (one unbind is cheaper than T - 1 Python indexings)
+        es, cs = e.unbind(0), scales.unbind(0)
+        ms = None if inter is None else inter[0][0].unbind(0)
+        ahs = None if ah_all is None else ah_all.unbind(0)
         for t in range(1, t_len):
-            m = torch.mm(ah, a) if inter is None else torch.mm(ah, a, out=inter[0][0][t])
-            m.div_(scales[t - 1])  # 0 / 0 after an impossible step: caught by the caller
-            ah = torch.mm(m, ct) if ah_all is None else torch.mm(m, ct, out=ah_all[t])
-            ah.mul_(e[t])
-            torch.sum(ah, -1, keepdim=True, out=scales[t])
+            m = torch.mm(ah, a) if ms is None else torch.mm(ah, a, out=ms[t])
+            m.div_(cs[t - 1])  # 0 / 0 after an impossible step: caught by the caller
+            ah = torch.mm(m, ct) if ahs is None else torch.mm(m, ct, out=ahs[t])
+            ah.mul_(es[t])
+            torch.sum(ah, -1, keepdim=True, out=cs[t])
     else:
+        es, cs = e.unbind(0), scales.unbind(0)
+        ahs = None if ah_all is None else ah_all.unbind(0)
+        inters = None if inter is None else [[x.unbind(0) for x in c] for c in inter]
         for t in range(1, t_len):
-            inter_t = None if inter is None else [[x[t] for x in c] for c in inter]
-            out = None if ah_all is None else ah_all[t]
-            ah = _propagate(ah, scales[t - 1], chains, bands, out, inter_t).mul_(e[t])
-            torch.sum(ah, -1, keepdim=True, out=scales[t])
+            inter_t = None if inters is None else [[x[t] for x in c] for c in inters]
+            out = None if ahs is None else ahs[t]
+            ah = _propagate(ah, cs[t - 1], chains, bands, out, inter_t).mul_(es[t])
+            torch.sum(ah, -1, keepdim=True, out=cs[t])
     return scales.squeeze(-1)
 
 
@@ -424,33 +431,41 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
     inv3 = inv.unsqueeze(-1)
     if _plain_lowrank(chains, bands):
         at, c = mats_t[0]  # the plain LowRank chain, spelled out: the common case
-        q_all = gmid[0][0]
+        gs, es, qs, invs = g_all.unbind(0), e.unbind(0), gmid[0][0].unbind(0), inv3.unbind(0)
+        ws = None if w_all is None else w_all.unbind(0)
+        ahs = None if ge is None else ah_all.unbind(0)
         for t in range(t_len - 1, 0, -1):
-            w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
-            if ge is not None:
-                g_all[t].mul_(ah_all[t])
-            q = torch.mm(w, c, out=q_all[t])
-            q.mul_(inv3[t - 1])  # gradient w.r.t. the rank product before normalization
-            torch.mm(q, at, out=g_all[t - 1])
+            g = gs[t]
+            w = torch.mul(g, es[t]) if ws is None else torch.mul(g, es[t], out=ws[t])
+            if ahs is not None:
+                g.mul_(ahs[t])
+            q = torch.mm(w, c, out=qs[t])
+            q.mul_(invs[t - 1])  # gradient w.r.t. the rank product before normalization
+            torch.mm(q, at, out=gs[t - 1])
     else:
+        gs, es, invs = g_all.unbind(0), e.unbind(0), inv3.unbind(0)
+        ws = None if w_all is None else w_all.unbind(0)
+        ahs = None if ge is None else ah_all.unbind(0)
+        gmids = [[x.unbind(0) for x in c] for c in gmid]
         for t in range(t_len - 1, 0, -1):
-            w = torch.mul(g_all[t], e[t], out=None if w_all is None else w_all[t])
-            if ge is not None:
-                g_all[t].mul_(ah_all[t])
-            it = inv3[t - 1]
+            g = gs[t]
+            w = torch.mul(g, es[t]) if ws is None else torch.mul(g, es[t], out=ws[t])
+            if ahs is not None:
+                g.mul_(ahs[t])
+            it = invs[t - 1]
             beta = None
             for ci, mats in enumerate(mats_t):
                 x = w
                 for i in range(len(mats) - 1, 0, -1):
-                    x = _mm(x, mats[i], out=gmid[ci][i - 1][t])
+                    x = _mm(x, mats[i], out=gmids[ci][i - 1][t])
                 if not alpha_mode:
                     x.mul_(it)  # gradient w.r.t. the product before its normalization
                 if beta is None:
-                    beta = _mm(x, mats[0], g_all[t - 1])
+                    beta = _mm(x, mats[0], gs[t - 1])
                 else:
                     _addmm_(beta, x, mats[0])
             for dt, width in bands:
-                beta = band_apply(beta, w, dt, width, g_all[t - 1], adjoint=True)
+                beta = band_apply(beta, w, dt, width, gs[t - 1], adjoint=True)
             if alpha_mode:
                 beta.mul_(it)
     g = g_all[0]
