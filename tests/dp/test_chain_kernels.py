@@ -245,6 +245,31 @@ def test_padded_equals_unpadded_and_batch_equals_loop(gen, kind):
         assert h.marginals[i, n:].eq(0).all()
 
 
+def test_plain_lowrank_scales_from_the_rank_message_are_exact_for_any_positive_factors(gen):
+    """The plain LowRank loop takes each step's scale from the rank message (sum(ah @ A),
+    which is sum(ah) only when A's rows sum to one): value and gradient must still be those
+    of the unscaled chain when they do not (every positive scale is exact)."""
+    b, t, z, r = 2, 6, 5, 3
+    a = torch.rand(z, r, dtype=F64, generator=gen) + 0.1  # rows sum to anything
+    ct = torch.rand(r, z, dtype=F64, generator=gen) + 0.1
+    pi = torch.rand(b, z, dtype=F64, generator=gen)
+    em = torch.randn(b, t, z, dtype=F64, generator=gen)
+    k = kernel.emission_shift(em, None)
+    leaves_ = [x.clone().requires_grad_(True) for x in (pi, em, a, ct)]
+    got = kernel.ScaledChain.apply(leaves_[0], leaves_[1], k, None, ((2,), ()), *leaves_[2:])
+    # the unscaled forward algorithm, in plain autograd ops
+    ref_in = [x.clone().requires_grad_(True) for x in (pi, em, a, ct)]
+    alpha = ref_in[0] * ref_in[1][:, 0].exp()
+    for s in range(1, t):
+        alpha = (alpha @ ref_in[2] @ ref_in[3]) * ref_in[1][:, s].exp()
+    ref = alpha.sum(-1).log()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    ref.sum().backward()
+    for x, y in zip(leaves_, ref_in, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+
+
 # ---- float32 underflow ------------------------------------------------------------------------
 def test_float32_underflowing_scales_use_reachable_shifts():
     """Only state 0 is reachable (a diagonal band, init on state 0) while every step's best

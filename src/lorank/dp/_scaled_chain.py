@@ -296,7 +296,6 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
     t_len, b, _ = e.shape
     scales = e.new_empty(t_len, b, 1)
     ah = torch.mul(pi, e[0]) if ah_all is None else torch.mul(pi, e[0], out=ah_all[0])
-    torch.sum(ah, -1, keepdim=True, out=scales[0])
     if _plain_lowrank(chains, bands):
         a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
         # the step views made once (one unbind is cheaper than T - 1 Python indexings)
@@ -305,19 +304,24 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
         ahs = None if ah_all is None else ah_all.unbind(0)
         for t in range(1, t_len):
             m = torch.mm(ah, a) if ms is None else torch.mm(ah, a, out=ms[t])
-            m.div_(cs[t - 1])  # 0 / 0 after an impossible step: caught by the caller
+            # the scale of step t - 1 from the rank message: sum(ah @ A) = sum(ah) when A's
+            # rows sum to one, an R-sum instead of a Z-sum; any positive scale is exact
+            # (log c is added back), and 0 / 0 after an impossible step is caught by the caller
+            torch.sum(m, -1, keepdim=True, out=cs[t - 1])
+            m.div_(cs[t - 1])
             ah = torch.mm(m, ct) if ahs is None else torch.mm(m, ct, out=ahs[t])
             ah.mul_(es[t])
-            torch.sum(ah, -1, keepdim=True, out=cs[t])
-    else:
-        es, cs = e.unbind(0), scales.unbind(0)
-        ahs = None if ah_all is None else ah_all.unbind(0)
-        inters = None if inter is None else [[x.unbind(0) for x in c] for c in inter]
-        for t in range(1, t_len):
-            inter_t = None if inters is None else [[x[t] for x in c] for c in inters]
-            out = None if ahs is None else ahs[t]
-            ah = _propagate(ah, cs[t - 1], chains, bands, out, inter_t).mul_(es[t])
-            torch.sum(ah, -1, keepdim=True, out=cs[t])
+        torch.sum(ah, -1, keepdim=True, out=cs[t_len - 1])
+        return scales.squeeze(-1)
+    torch.sum(ah, -1, keepdim=True, out=scales[0])
+    es, cs = e.unbind(0), scales.unbind(0)
+    ahs = None if ah_all is None else ah_all.unbind(0)
+    inters = None if inter is None else [[x.unbind(0) for x in c] for c in inter]
+    for t in range(1, t_len):
+        inter_t = None if inters is None else [[x[t] for x in c] for c in inters]
+        out = None if ahs is None else ahs[t]
+        ah = _propagate(ah, cs[t - 1], chains, bands, out, inter_t).mul_(es[t])
+        torch.sum(ah, -1, keepdim=True, out=cs[t])
     return scales.squeeze(-1)
 
 
