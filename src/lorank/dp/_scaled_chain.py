@@ -7,7 +7,10 @@ Rush 2021), ``Banded`` and their sums (the paper's "LHMM + band").  Each step is
     u_t = alpha_{t-1} @ P,   alpha_hat_t = u_t * exp(emission_t - k_t),   c_t = sum(alpha_hat_t),
 
 with ``alpha_t = alpha_hat_t / c_t`` and ``log p(x) = sum_t (log c_t + k_t)``.  A band adds
-``2w + 1`` shifted multiply-adds per step; the low-rank part two thin GEMMs.
+``2w + 1`` shifted multiply-adds per step; the low-rank part two thin GEMMs.  Any positive
+``c_t`` gives the exact value and gradient (its log is added back), so the plain ``LowRank``
+loop sums the rank message ``alpha_hat_t @ A`` (R terms, equal to ``sum(alpha_hat_t)`` when
+A's rows sum to one) instead of the Z-wide message.
 
 * Without gradients (:func:`forward` with ``save=False``) nothing is kept but one ``(B, Z)``
   message: the emissions are shifted and exponentiated in one pass (time-major, padding set
