@@ -299,12 +299,12 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
     t_len, b, _ = e.shape
     scales = e.new_empty(t_len, b, 1)
     ah = torch.mul(pi, e[0]) if ah_all is None else torch.mul(pi, e[0], out=ah_all[0])
+    # the step views made once (one unbind is cheaper than T - 1 Python indexings)
+    es, cs = e.unbind(0), scales.unbind(0)
+    ahs = None if ah_all is None else ah_all.unbind(0)
     if _plain_lowrank(chains, bands):
         a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
-        # the step views made once (one unbind is cheaper than T - 1 Python indexings)
-        es, cs = e.unbind(0), scales.unbind(0)
         ms = None if inter is None else inter[0][0].unbind(0)
-        ahs = None if ah_all is None else ah_all.unbind(0)
         for t in range(1, t_len):
             m = torch.mm(ah, a) if ms is None else torch.mm(ah, a, out=ms[t])
             # the scale of step t - 1 from the rank message: sum(ah @ A) = sum(ah) when A's
@@ -316,9 +316,7 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
             ah.mul_(es[t])
         torch.sum(ah, -1, keepdim=True, out=cs[t_len - 1])
         return scales.squeeze(-1)
-    torch.sum(ah, -1, keepdim=True, out=scales[0])
-    es, cs = e.unbind(0), scales.unbind(0)
-    ahs = None if ah_all is None else ah_all.unbind(0)
+    torch.sum(ah, -1, keepdim=True, out=cs[0])
     inters = None if inter is None else [[x.unbind(0) for x in c] for c in inter]
     for t in range(1, t_len):
         inter_t = None if inters is None else [[x[t] for x in c] for c in inters]
@@ -435,12 +433,13 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
     # per chain, gradients w.r.t. the outputs of matrices 1..n-1 (the first one pre-scaled)
     gmid = [[e.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
     mats_t = [[m.transpose(-1, -2) for m in mats] for mats in chains]
-    inv3 = inv.unsqueeze(-1)
+    # the step views made once (one unbind is cheaper than T - 1 Python indexings)
+    gs, es, invs = g_all.unbind(0), e.unbind(0), inv.unsqueeze(-1).unbind(0)
+    ws = None if w_all is None else w_all.unbind(0)
+    ahs = None if ge is None else ah_all.unbind(0)
     if _plain_lowrank(chains, bands):
         at, c = mats_t[0]  # the plain LowRank chain, spelled out: the common case
-        gs, es, qs, invs = g_all.unbind(0), e.unbind(0), gmid[0][0].unbind(0), inv3.unbind(0)
-        ws = None if w_all is None else w_all.unbind(0)
-        ahs = None if ge is None else ah_all.unbind(0)
+        qs = gmid[0][0].unbind(0)
         for t in range(t_len - 1, 0, -1):
             g = gs[t]
             w = torch.mul(g, es[t]) if ws is None else torch.mul(g, es[t], out=ws[t])
@@ -450,9 +449,6 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
             q.mul_(invs[t - 1])  # gradient w.r.t. the rank product before normalization
             torch.mm(q, at, out=gs[t - 1])
     else:
-        gs, es, invs = g_all.unbind(0), e.unbind(0), inv3.unbind(0)
-        ws = None if w_all is None else w_all.unbind(0)
-        ahs = None if ge is None else ah_all.unbind(0)
         gmids = [[x.unbind(0) for x in c] for c in gmid]
         for t in range(t_len - 1, 0, -1):
             g = gs[t]
