@@ -16,6 +16,7 @@ from lorank.semiring import (
     LogSemiring,
     MaxSemiring,
     log_matmul,
+    log_matmul_by,
     safe_logsumexp,
 )
 
@@ -76,6 +77,15 @@ def test_log_matmul_matches_naive(gen, sa, sb):
     b = torch.randn(*sb, dtype=F64, generator=gen) * 3
     a.view(-1)[::5] = NEG  # scattered impossible entries
     torch.testing.assert_close(log_matmul(a, b), _naive_log_matmul(a, b))
+
+
+def test_log_matmul_by_a_fixed_matrix_matches_naive_at_every_call(gen):
+    b = torch.randn(4, 5, dtype=F64, generator=gen) * 3
+    b[:, 1] = NEG
+    op = log_matmul_by(b)
+    for _ in range(3):  # the prepared exponential is reused, never modified
+        a = torch.randn(2, 3, 4, dtype=F64, generator=gen) * 3
+        torch.testing.assert_close(op(a), _naive_log_matmul(a, b))
 
 
 def test_log_matmul_gradients_match_naive(gen):

@@ -23,7 +23,7 @@ import torch
 
 from lorank._checks import check_positive_int, check_tensor
 from lorank._numerics import finite_or_zero
-from lorank.semiring import log_matmul, safe_logsumexp
+from lorank.semiring import log_matmul, log_matmul_by, safe_logsumexp
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,11 +52,13 @@ def _bmv(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) @ m).squeeze(-2)
 
 
-def _log_bmv(lx: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """``log(exp(lx) @ exp(lm))`` with the same shapes as :func:`_bmv`."""
+def _log_bmv_by(lm: torch.Tensor) -> Operator:
+    """``lx -> log(exp(lx) @ exp(lm))`` with the same shapes as :func:`_bmv`; ``exp(lm)``
+    computed once for every call."""
+    op = log_matmul_by(lm)
     if lm.dim() == 2:
-        return log_matmul(lx, lm)
-    return log_matmul(lx.unsqueeze(-2), lm).squeeze(-2)
+        return op
+    return lambda lx: op(lx.unsqueeze(-2)).squeeze(-2)
 
 
 def _rows(m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -308,8 +310,7 @@ class Dense(Factor):
         return [self.logits]
 
     def log_operator_with(self, log_norm: torch.Tensor) -> Operator:
-        lp = self.logits - log_norm.unsqueeze(-1)
-        return lambda lx: _log_bmv(lx, lp)
+        return _log_bmv_by(self.logits - log_norm.unsqueeze(-1))
 
     def _log_unnorm_dense(self) -> torch.Tensor:
         return self.logits
@@ -421,7 +422,8 @@ class LowRank(Factor):
         s = self._column_lse()
         la = self.left + s.unsqueeze(-2) - log_norm.unsqueeze(-1)
         lct = (self.right - finite_or_zero(s).unsqueeze(-2)).transpose(-1, -2)
-        return lambda lx: _log_bmv(_log_bmv(lx, la), lct)
+        by_a, by_ct = _log_bmv_by(la), _log_bmv_by(lct)
+        return lambda lx: by_ct(by_a(lx))
 
     def _shifted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left + s, right - s)``: the same potentials, but ``right - s`` is log C (columns

@@ -24,8 +24,21 @@ def safe_logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Te
 
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) @ exp(b))`` by max-shifted GEMM: a (..., n, k), b (..., k, m)."""
-    am, bm = stable_shift(a, -1), stable_shift(b, -2)
-    return safe_log(torch.matmul((a - am).exp(), (b - bm).exp())) + am + bm
+    return log_matmul_by(b)(a)
+
+
+def log_matmul_by(b: torch.Tensor):
+    """``a -> log(exp(a) @ exp(b))`` for a fixed ``b`` (..., k, m): b's column shift and
+    exponential are computed once, not at every product (the same values as
+    :func:`log_matmul`; a dynamic program applies one matrix at every step)."""
+    bm = stable_shift(b, -2)
+    eb = (b - bm).exp()
+
+    def apply(a: torch.Tensor) -> torch.Tensor:
+        am = stable_shift(a, -1)
+        return safe_log(torch.matmul((a - am).exp(), eb)) + am + bm
+
+    return apply
 
 
 class Semiring:

@@ -35,6 +35,43 @@ def test_segment_scores_match_loops_with_neg_inf():
     assert not torch.isnan(got).any()
 
 
+def test_segment_scores_gradcheck_shared_and_batched_durations():
+    gen = torch.Generator().manual_seed(3)
+    for t, k in ((6, 3), (3, 5), (1, 2)):  # K < T, K > T, a single step
+        em = torch.randn(2, t, 3, dtype=D, generator=gen, requires_grad=True)
+        for shape in ((3, k), (2, 3, k)):
+            dur = torch.randn(*shape, dtype=D, generator=gen, requires_grad=True)
+            w = torch.randn(2, t, k, 3, dtype=D, generator=gen)
+
+            def f(em, dur, w=w):  # -inf entries weighted by 0 (their gradient is 0 anyway)
+                seg = semimarkov.segment_scores(em, dur)
+                return torch.where(torch.isinf(seg), 0.0, seg * w).sum()
+
+            assert torch.autograd.gradcheck(f, (em, dur))
+            # and against autograd of the plain loops
+            g = torch.autograd.grad(f(em, dur), (em, dur))
+            if dur.dim() == 2:
+                ref = _loop_segment_scores(em, dur)
+            else:  # per example
+                ref = torch.cat([_loop_segment_scores(em[i : i + 1], dur[i]) for i in range(2)])
+            want = torch.autograd.grad(
+                torch.where(torch.isinf(ref), 0.0, ref * w).sum(), (em, dur))
+            for x, y in zip(g, want, strict=True):
+                torch.testing.assert_close(x, y)
+
+
+def test_segment_scores_second_derivative():
+    gen = torch.Generator().manual_seed(4)
+    em = torch.randn(1, 5, 2, dtype=D, generator=gen, requires_grad=True)
+    dur = torch.randn(2, 3, dtype=D, generator=gen, requires_grad=True)
+
+    def f(em, dur):
+        seg = semimarkov.segment_scores(em, dur)
+        return torch.where(torch.isinf(seg), 0.0, seg.exp()).sum()
+
+    assert torch.autograd.gradgradcheck(f, (em, dur))
+
+
 def test_semirings_agree_with_fast_paths():
     gen = torch.Generator().manual_seed(1)
     b, t, z, k = 3, 7, 4, 3

@@ -41,16 +41,54 @@ def segment_scores(
     ``emission`` (B, T, Z) log-likelihoods; ``duration_logp`` (Z, K) or (B, Z, K).  Running
     sums over the duration, ``sums[t, d] = sums[t-1, d-1] + emission[t]``: every entry is a
     sum of at most K terms (no cancellation, so float32 keeps its precision on sequences of
-    any length) and ``-inf`` emissions stay ``-inf`` (no NaN).  K passes over (B, T, Z).
+    any length) and ``-inf`` emissions stay ``-inf`` (no NaN).  K passes over (B, T, Z), and
+    as many in the hand-written backward (:class:`_SegmentScores`).
     """
-    b, t_len, z = emission.shape
     k = duration_logp.shape[-1] if max_duration is None else max_duration
+    dur = duration_logp.transpose(-1, -2)  # (Z, K) -> (K, Z) / (B, K, Z)
+    if dur.shape[-2] != k:
+        raise ValueError(f"duration_logp {tuple(duration_logp.shape)} has {dur.shape[-2]} "
+                         f"durations, but max_duration is {k}")
+    return _SegmentScores.apply(emission, dur)
+
+
+def _running_sums(emission: torch.Tensor, k: int) -> torch.Tensor:
+    """``sums[b, t, d, z] = sum_{s=t-d}^{t} emission[b, s, z]`` (B, T, K, Z), -inf for t < d."""
+    b, t_len, z = emission.shape
     sums = emission.new_full((b, t_len, k, z), -math.inf)
     sums[:, :, 0] = emission
     for d in range(1, min(k, t_len)):
-        sums[:, d:, d] = sums[:, d - 1 : -1, d - 1] + emission[:, d:]
-    dur = duration_logp.transpose(-1, -2)  # (Z, K) -> (K, Z) / (B, K, Z)
-    return sums + (dur.unsqueeze(-3) if dur.dim() == 3 else dur)
+        torch.add(sums[:, d - 1 : -1, d - 1], emission[:, d:], out=sums[:, d:, d])
+    return sums
+
+
+class _SegmentScores(torch.autograd.Function):
+    """``running sums + duration`` with a backward of K passes over (B, T, Z): autograd of
+    the in-place construction would fill and copy a (B, T, K, Z) gradient per duration.
+
+    Backward: ``d emission[s] = sum_j acc_j[s + j]`` with ``acc_j[t] = sum_{j <= d <= t}
+    G[t, d]`` (the segments ending at t that are long enough to cover s = t - j), and
+    ``d dur = sum_{b, t} G``."""
+
+    @staticmethod
+    def forward(ctx, emission, dur):
+        ctx.batched = dur.dim() == 3
+        sums = _running_sums(emission.detach(), dur.shape[-2])
+        return sums.add_(dur.detach().unsqueeze(-3) if ctx.batched else dur.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        b, t_len, k, z = g.shape
+        grad_em = grad_dur = None
+        if ctx.needs_input_grad[0]:
+            grad_em = g.new_zeros(b, t_len, z)
+            acc = g.new_zeros(b, t_len, z)
+            for d in range(min(k, t_len) - 1, -1, -1):
+                acc[:, d:] += g[:, d:, d]
+                grad_em[:, : t_len - d] += acc[:, d:]
+        if ctx.needs_input_grad[1]:
+            grad_dur = g.sum(1) if ctx.batched else g.sum((0, 1))
+        return grad_em, grad_dur
 
 
 def _stack_window(msgs: list[torch.Tensor], t: int, k: int, dim: int) -> torch.Tensor:
@@ -58,6 +96,14 @@ def _stack_window(msgs: list[torch.Tensor], t: int, k: int, dim: int) -> torch.T
     ``d - 1`` holds the start message of a segment of duration ``d`` ending at ``t``."""
     lo = max(0, t - k + 1)
     return torch.stack(msgs[lo : t + 1][::-1], dim=dim)
+
+
+def _step_scores(seg: torch.Tensor) -> list[torch.Tensor]:
+    """``seg[..., t, :min(K, t + 1), :]`` for every t (the durations a segment ending at t can
+    have), from one ``unbind``: under autograd, slicing ``seg[:, t]`` at every step would
+    make each step's backward fill and copy a gradient as large as all of ``seg``."""
+    k = seg.shape[-2]
+    return [x if t + 1 >= k else x[..., : t + 1, :] for t, x in enumerate(seg.unbind(-3))]
 
 
 def _gather_last(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -72,13 +118,13 @@ def forward_messages(
     """Log forward messages ``(start, alpha)``, each (B, T, Z), through the factor's
     log-space operator (two thin max-shifted GEMMs per step for a low-rank factor)."""
     op = factor.log_operator()
-    t_len, k = seg.shape[1], seg.shape[2]
+    k = seg.shape[2]
     starts: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
-    for t in range(t_len):
+    for t, seg_t in enumerate(_step_scores(seg)):
         starts.append(init_logp if t == 0 else op(alphas[t - 1]))
         window = _stack_window(starts, t, k, dim=1)  # (B, d, Z)
-        alphas.append(safe_logsumexp(window + seg[:, t, : window.shape[1]], dim=1))
+        alphas.append(safe_logsumexp(window + seg_t, dim=1))
     return torch.stack(starts, 1), torch.stack(alphas, 1)
 
 
@@ -127,19 +173,18 @@ def semiring_forward(
     """The semi-Markov forward algorithm in any semiring on the dense ``log P`` ((Z, Z) or
     (B, Z, Z)): (B,) (entropy semiring: the entropy over segmentations)."""
     s = semiring
-    t_len, k = seg.shape[1], seg.shape[2]
+    k = seg.shape[2]
     trans = s.convert(trans_logp if trans_logp.dim() == 3 else trans_logp.unsqueeze(0))
-    segc = s.convert(seg)
     init = s.convert(init_logp)
     starts: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
-    for t in range(t_len):
+    for t, seg_t in enumerate(_step_scores(s.convert(seg))):
         if t == 0:
             starts.append(init)
         else:
             starts.append(s.matmul(alphas[t - 1].unsqueeze(-2), trans).squeeze(-2))
         window = _stack_window(starts, t, k, dim=-2)  # (S?, B, d, Z)
-        alphas.append(s.sum(s.times(window, segc[..., t, : window.shape[-2], :]), dim=-2))
+        alphas.append(s.sum(s.times(window, seg_t), dim=-2))
     alpha = torch.stack(alphas, dim=-2)  # (S?, B, T, Z)
     return s.unconvert(s.sum(_gather_last(alpha, lengths), dim=-1))
 
