@@ -6,14 +6,17 @@ import torch
 
 
 def safe_log(x: torch.Tensor) -> torch.Tensor:
-    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) gradient there."""
+    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) gradient there
+    (without autograd: the plain logarithm, which has the same values)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x.log()
     pos = x > 0
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), float("-inf"))
 
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     """``x`` with every non-finite entry (``±inf``, NaN) replaced by 0."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # gradient 0 there too
 
 
 def stable_shift(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -16,7 +16,10 @@ NEG_INF = float("-inf")
 
 
 def safe_logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
-    """``logsumexp`` that returns ``-inf`` (not NaN) on all ``-inf`` slices, with finite grads."""
+    """``logsumexp`` that returns ``-inf`` (not NaN) on all ``-inf`` slices, with finite grads
+    (without autograd: ``torch.logsumexp``, which returns the same values in one call)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.logsumexp(x, dim, keepdim)
     m = stable_shift(x, dim)
     out = safe_log((x - m).exp().sum(dim=dim, keepdim=True)) + m
     return out if keepdim else out.squeeze(dim)
