@@ -48,6 +48,38 @@ def test_safe_logsumexp_all_neg_inf_is_neg_inf_with_finite_zero_grad():
     assert x.grad[1, 2] == pytest.approx(1.0)
 
 
+def test_safe_logsumexp_and_safe_log_second_derivatives_with_neg_inf(gen):
+    from lorank._numerics import safe_log
+
+    x = torch.randn(3, 4, dtype=F64, generator=gen)
+    x[0] = NEG  # an all -inf slice: value -inf, gradients 0 (first and second order)
+    x[1, 2] = NEG
+    x.requires_grad_(True)
+    w = torch.randn(3, dtype=F64, generator=gen)
+
+    def f(x):
+        out = safe_logsumexp(x, -1)
+        return torch.where(torch.isinf(out), 0.0, out * w).sum()
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(g).all() and torch.isfinite(gg).all()
+    assert (g[0] == 0).all() and (gg[0] == 0).all()
+
+    p = torch.tensor([0.0, 0.5, 2.0], dtype=F64, requires_grad=True)
+    y = safe_log(p)
+    assert y[0] == NEG
+    # a gradient of 3 reaches every entry, log 0 too: its derivative there is 0, not inf
+    (g,) = torch.autograd.grad(y, p, torch.full((3,), 3.0, dtype=F64), create_graph=True)
+    torch.testing.assert_close(g, torch.tensor([0.0, 6.0, 1.5], dtype=F64))
+    (gg,) = torch.autograd.grad(g.sum(), p)
+    torch.testing.assert_close(gg, torch.tensor([0.0, -12.0, -0.75], dtype=F64))
+    q = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda q: safe_log(q).sum(), (q,))
+
+
 def test_safe_logsumexp_grad_is_softmax(gen):
     x = torch.randn(3, 7, dtype=F64, generator=gen)
     x[0, :2] = NEG
