@@ -80,6 +80,26 @@ def test_safe_logsumexp_and_safe_log_second_derivatives_with_neg_inf(gen):
     assert torch.autograd.gradgradcheck(lambda q: safe_log(q).sum(), (q,))
 
 
+def test_guarded_helpers_agree_with_their_one_call_form_and_in_forward_mode():
+    import torch.autograd.forward_ad as fwAD
+
+    from lorank._numerics import safe_log
+
+    x = torch.tensor([[NEG, NEG], [0.0, 1.0], [math.nan, 1.0]], dtype=F64)
+    p = torch.tensor([0.0, 2.0, math.nan], dtype=F64)
+    plain = safe_logsumexp(x, -1), safe_log(p)  # no derivative recorded: one call each
+    guarded = (safe_logsumexp(x.clone().requires_grad_(True), -1),
+               safe_log(p.clone().requires_grad_(True)))
+    for a, b in zip(plain, guarded, strict=True):
+        torch.testing.assert_close(a, b.detach(), equal_nan=True)  # NaN is never hidden
+    with fwAD.dual_level():  # forward mode takes the guarded form: finite tangents
+        t = fwAD.unpack_dual(safe_logsumexp(fwAD.make_dual(x[:2], torch.ones(2, 2, dtype=F64)),
+                                            -1)).tangent
+        torch.testing.assert_close(t, torch.tensor([0.0, 1.0], dtype=F64))
+        t = fwAD.unpack_dual(safe_log(fwAD.make_dual(p[:2], torch.ones(2, dtype=F64)))).tangent
+        torch.testing.assert_close(t, torch.tensor([0.0, 0.5], dtype=F64))
+
+
 def test_safe_logsumexp_grad_is_softmax(gen):
     x = torch.randn(3, 7, dtype=F64, generator=gen)
     x[0, :2] = NEG

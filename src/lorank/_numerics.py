@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
+
+
+def records_derivatives(x: torch.Tensor) -> bool:
+    """Whether a derivative of ``x`` may be taken: reverse mode (``requires_grad`` under grad
+    mode), forward mode (a dual level is open) or a ``torch.func`` transform.  Without one,
+    the guarded helpers below take their one-call form."""
+    return ((x.requires_grad and torch.is_grad_enabled()) or fwAD._current_level >= 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def safe_log(x: torch.Tensor) -> torch.Tensor:
-    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) gradient there
-    (without autograd: the plain logarithm, which has the same values)."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and a zero (not inf/NaN) derivative
+    there; NaN stays NaN.  When no derivative is recorded: the plain logarithm (same values)."""
+    if not records_derivatives(x):
         return x.log()
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), float("-inf"))
+    zero = x == 0
+    return torch.where(zero, float("-inf"), torch.where(zero, torch.ones_like(x), x).log())
 
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -8,17 +8,19 @@ an all-``-inf`` slice gives ``-inf`` (never NaN) and finite gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from lorank._numerics import safe_log, stable_shift
+from lorank._numerics import records_derivatives, safe_log, stable_shift
 
 NEG_INF = float("-inf")
 
 
 def safe_logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     """``logsumexp`` that returns ``-inf`` (not NaN) on all ``-inf`` slices, with finite grads
-    (without autograd: ``torch.logsumexp``, which returns the same values in one call)."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    (when no derivative is recorded: ``torch.logsumexp``, the same values in one call)."""
+    if not records_derivatives(x):
         return torch.logsumexp(x, dim, keepdim)
     m = stable_shift(x, dim)
     out = safe_log((x - m).exp().sum(dim=dim, keepdim=True)) + m
@@ -30,7 +32,7 @@ def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return log_matmul_by(b)(a)
 
 
-def log_matmul_by(b: torch.Tensor):
+def log_matmul_by(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``a -> log(exp(a) @ exp(b))`` for a fixed ``b`` (..., k, m): b's column shift and
     exponential are computed once, not at every product (the same values as
     :func:`log_matmul`; a dynamic program applies one matrix at every step)."""

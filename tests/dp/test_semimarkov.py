@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import lorank
@@ -58,6 +59,60 @@ def test_segment_scores_gradcheck_shared_and_batched_durations():
                 torch.where(torch.isinf(ref), 0.0, ref * w).sum(), (em, dur))
             for x, y in zip(g, want, strict=True):
                 torch.testing.assert_close(x, y)
+
+
+def test_segment_scores_gradient_ignores_the_impossible_segments():
+    # a gradient reaching the -inf entries (t < d) must not reach the emissions or durations
+    gen = torch.Generator().manual_seed(5)
+    for t, k in ((6, 3), (3, 5)):
+        em = torch.randn(2, t, 3, dtype=D, generator=gen, requires_grad=True)
+        for dur in (torch.randn(3, k, dtype=D, generator=gen, requires_grad=True),
+                    torch.randn(2, 3, k, dtype=D, generator=gen, requires_grad=True)):
+            w = torch.randn(2, t, k, 3, dtype=D, generator=gen)  # nonzero everywhere
+            got = torch.autograd.grad(semimarkov.segment_scores(em, dur), (em, dur), w)
+            if dur.dim() == 2:
+                ref = _loop_segment_scores(em, dur)
+            else:
+                ref = torch.cat([_loop_segment_scores(em[i : i + 1], dur[i]) for i in range(2)])
+            want = torch.autograd.grad(ref, (em, dur), w)
+            for x, y in zip(got, want, strict=True):
+                torch.testing.assert_close(x, y)
+
+
+def test_segment_scores_under_torch_func():
+    from torch.func import grad, jvp, vmap
+
+    gen = torch.Generator().manual_seed(6)
+    em = torch.randn(2, 5, 3, dtype=D, generator=gen)
+    dur = torch.randn(3, 3, dtype=D, generator=gen)
+    w = torch.randn(2, 5, 3, 3, dtype=D, generator=gen)
+
+    def f(em, dur):
+        seg = semimarkov.segment_scores(em, dur)
+        return torch.where(torch.isinf(seg), 0.0, seg * w).sum()
+
+    def f_loop(em, dur):
+        seg = _loop_segment_scores(em, dur)
+        return torch.where(torch.isinf(seg), 0.0, seg * w).sum()
+
+    for x, y in zip(grad(f, argnums=(0, 1))(em, dur), grad(f_loop, argnums=(0, 1))(em, dur),
+                    strict=True):
+        torch.testing.assert_close(x, y)
+    tangents = (torch.randn(2, 5, 3, dtype=D, generator=gen), torch.randn(3, 3, dtype=D,
+                                                                          generator=gen))
+    _, t = jvp(semimarkov.segment_scores, (em, dur), tangents)
+    _, t_loop = jvp(_loop_segment_scores, (em, dur), tangents)
+    torch.testing.assert_close(t, t_loop)
+    batched = vmap(lambda e: semimarkov.segment_scores(e, dur))(em.unsqueeze(1))
+    torch.testing.assert_close(batched.squeeze(1), semimarkov.segment_scores(em, dur))
+
+
+def test_segment_scores_rejects_mismatched_durations():
+    em = torch.zeros(2, 4, 3, dtype=D)
+    with pytest.raises(ValueError, match="batch size"):
+        semimarkov.segment_scores(em, torch.zeros(3, 3, 2, dtype=D))
+    with pytest.raises(TypeError, match="dtype"):
+        semimarkov.segment_scores(em, torch.zeros(3, 2))
 
 
 def test_segment_scores_second_derivative():

@@ -49,32 +49,50 @@ def segment_scores(
     if dur.shape[-2] != k:
         raise ValueError(f"duration_logp {tuple(duration_logp.shape)} has {dur.shape[-2]} "
                          f"durations, but max_duration is {k}")
+    if dur.dim() == 3 and dur.shape[0] != emission.shape[0]:
+        raise ValueError(f"a batched duration_logp {tuple(duration_logp.shape)} must have the "
+                         f"batch size of emission {tuple(emission.shape)}")
+    if dur.dtype != emission.dtype:
+        raise TypeError(f"duration_logp has dtype {dur.dtype} but emission "
+                        f"{tuple(emission.shape)} has {emission.dtype}")
     return _SegmentScores.apply(emission, dur)
 
 
-def _running_sums(emission: torch.Tensor, k: int) -> torch.Tensor:
-    """``sums[b, t, d, z] = sum_{s=t-d}^{t} emission[b, s, z]`` (B, T, K, Z), -inf for t < d."""
-    b, t_len, z = emission.shape
-    sums = emission.new_full((b, t_len, k, z), -math.inf)
-    sums[:, :, 0] = emission
+def _running_sums(x: torch.Tensor, k: int, fill: float = -math.inf) -> torch.Tensor:
+    """``sums[b, t, d, z] = sum_{s=t-d}^{t} x[b, s, z]`` (B, T, K, Z), ``fill`` for t < d."""
+    b, t_len, z = x.shape
+    sums = x.new_full((b, t_len, k, z), fill)
+    sums[:, :, 0] = x
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap: no out= there
     for d in range(1, min(k, t_len)):
-        torch.add(sums[:, d - 1 : -1, d - 1], emission[:, d:], out=sums[:, d:, d])
+        if wrapped:
+            sums[:, d:, d] = sums[:, d - 1 : -1, d - 1] + x[:, d:]
+        else:
+            torch.add(sums[:, d - 1 : -1, d - 1], x[:, d:], out=sums[:, d:, d])
     return sums
 
 
 class _SegmentScores(torch.autograd.Function):
-    """``running sums + duration`` with a backward of K passes over (B, T, Z): autograd of
-    the in-place construction would fill and copy a (B, T, K, Z) gradient per duration.
+    """``running sums + duration`` (``-inf`` where a segment would start before 0) with a
+    backward of K passes over (B, T, Z): autograd of the in-place construction would fill and
+    copy a (B, T, K, Z) gradient per duration.
 
-    Backward: ``d emission[s] = sum_j acc_j[s + j]`` with ``acc_j[t] = sum_{j <= d <= t}
-    G[t, d]`` (the segments ending at t that are long enough to cover s = t - j), and
-    ``d dur = sum_{b, t} G``."""
+    Backward, with ``G`` the output gradient at the possible segments (t >= d; the others are
+    the constant ``-inf``): ``d emission[s] = sum_j acc_j[s + j]`` with ``acc_j[t] =
+    sum_{j <= d <= t} G[t, d]`` (the segments ending at t long enough to cover s = t - j) and
+    ``d dur[d] = sum_{b, t >= d} G[t, d]``.  Forward mode (``jvp``): the running sums of the
+    emission tangent plus the duration tangent, 0 at the impossible segments."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, emission, dur):
-        ctx.batched = dur.dim() == 3
-        sums = _running_sums(emission.detach(), dur.shape[-2])
-        return sums.add_(dur.detach().unsqueeze(-3) if ctx.batched else dur.detach())
+    def forward(emission, dur):
+        sums = _running_sums(emission, dur.shape[-2])
+        return sums.add_(dur.unsqueeze(-3) if dur.dim() == 3 else dur)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.batched = inputs[1].dim() == 3
 
     @staticmethod
     def backward(ctx, g):
@@ -87,8 +105,24 @@ class _SegmentScores(torch.autograd.Function):
                 acc[:, d:] += g[:, d:, d]
                 grad_em[:, : t_len - d] += acc[:, d:]
         if ctx.needs_input_grad[1]:
-            grad_dur = g.sum(1) if ctx.batched else g.sum((0, 1))
+            dims = 1 if ctx.batched else (0, 1)
+            grad_dur = g.sum(dims)
+            m = min(k - 1, t_len)  # less the impossible segments: t < d, in the first m steps
+            if m > 0:
+                t_idx = torch.arange(m, device=g.device).unsqueeze(1)
+                tri = (t_idx < torch.arange(k, device=g.device)).to(g.dtype).unsqueeze(-1)
+                grad_dur = grad_dur - (g[:, :m] * tri).sum(dims)
         return grad_em, grad_dur
+
+    @staticmethod
+    def jvp(ctx, em_t, dur_t):
+        b, t_len, z = em_t.shape
+        k = dur_t.shape[-2]
+        out = _running_sums(em_t, k, fill=0.0)
+        out.add_(dur_t.unsqueeze(-3) if ctx.batched else dur_t)
+        for d in range(1, k):  # the impossible segments are constant
+            out[:, :d, d] = 0.0
+        return out
 
 
 def _stack_window(msgs: list[torch.Tensor], t: int, k: int, dim: int) -> torch.Tensor:
