@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorank._deferred import current_tape
 from lorank._numerics import records_derivatives, safe_log, stable_shift
 
 NEG_INF = float("-inf")
@@ -38,10 +39,20 @@ def log_matmul_by(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     :func:`log_matmul`; a dynamic program applies one matrix at every step)."""
     bm = stable_shift(b, -2)
     eb = (b - bm).exp()
+    tape = current_tape()
+    if tape is not None and tape.defers(eb):  # one GEMM for eb's gradient (lorank._deferred)
+        idx = tape.register(eb)
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            return tape.product(x, idx)
+    else:
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(x, eb)
 
     def apply(a: torch.Tensor) -> torch.Tensor:
         am = stable_shift(a, -1)
-        return safe_log(torch.matmul((a - am).exp(), eb)) + am + bm
+        return safe_log(product((a - am).exp())) + am + bm
 
     return apply
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorank._deferred import deferred_products
 from lorank._numerics import gumbel_argmax
 from lorank.factors import Factor
 from lorank.semiring import LogSemiring, Semiring, safe_logsumexp
@@ -151,12 +152,14 @@ def forward_messages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log forward messages ``(start, alpha)``, each (B, T, Z), through the factor's
     log-space operator (two thin max-shifted GEMMs per step for a low-rank factor)."""
-    op = factor.log_operator()
+    with deferred_products() as tape:  # the transition's gradient: one GEMM per matrix
+        op = factor.log_operator()
+    first = tape.attach(init_logp)
     k = seg.shape[2]
     starts: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
     for t, seg_t in enumerate(_step_scores(seg)):
-        starts.append(init_logp if t == 0 else op(alphas[t - 1]))
+        starts.append(first if t == 0 else op(alphas[t - 1]))
         window = _stack_window(starts, t, k, dim=1)  # (B, d, Z)
         alphas.append(safe_logsumexp(window + seg_t, dim=1))
     return torch.stack(starts, 1), torch.stack(alphas, 1)
