@@ -117,7 +117,6 @@ class _SegmentScores(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, em_t, dur_t):
-        b, t_len, z = em_t.shape
         k = dur_t.shape[-2]
         out = _running_sums(em_t, k, fill=0.0)
         out.add_(dur_t.unsqueeze(-3) if ctx.batched else dur_t)
