@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from lorank._gemm import mm
 from lorank.dp._scaled_chain import (
-    _mm,
     _weight_grad,
     all_finite,
     exp_emission,
@@ -43,7 +43,7 @@ def _build(e: torch.Tensor, kr: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
     """``M_t`` for t in [t0, t1): (t1 - t0, B, R^2), one GEMM (per example if batched)."""
     x = e[t0:t1]
     if kr.dim() == 2:
-        return (x.reshape(-1, x.shape[-1]) @ kr).reshape(x.shape[0], x.shape[1], -1)
+        return mm(x.reshape(-1, x.shape[-1]), kr).reshape(x.shape[0], x.shape[1], -1)
     return (x.transpose(0, 1) @ kr).transpose(0, 1)
 
 
@@ -69,7 +69,7 @@ def _forward(pi, e, k, a, ct, max_elements: int, save: bool):
     torch.sum(ah, -1, keepdim=True, out=scales[0])
     kr = m_all = None
     if t_len > 1:
-        m = _mm(ah.div_(scales[0]), a)  # 0 / 0 for an impossible first step: caught below
+        m = mm(ah.div_(scales[0]), a)  # 0 / 0 for an impossible first step: caught below
         kr = khatri_rao(ct.transpose(-1, -2), a)
         chunks = _chunks(t_len, b, r, max_elements)
         for t0, t1 in chunks:
@@ -93,7 +93,7 @@ def _forward(pi, e, k, a, ct, max_elements: int, save: bool):
 def _rows_mm(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m`` for x (T, B, k) and m (k, n) or per example (B, k, n): (T, B, n)."""
     if m.dim() == 2:
-        return (x.reshape(-1, x.shape[-1]) @ m).view(*x.shape[:-1], m.shape[-1])
+        return mm(x.reshape(-1, x.shape[-1]), m).view(*x.shape[:-1], m.shape[-1])
     return (x.transpose(0, 1) @ m).transpose(0, 1)
 
 
@@ -125,12 +125,12 @@ def backward(gz, pi, a, ct, saved, pad, max_elements: int, need):
             if m_all is not None:  # dL/dm_t = M_t g_t
                 bt = torch.bmm(m_all[t - 1].view(b, r, r), gs.unsqueeze(-1)).squeeze(-1)
             else:
-                v = _mm(gs, at).mul_(e[t])
-                bt = _mm(v, c)
+                v = mm(gs, at).mul_(e[t])
+                bt = mm(v, c)
             if t > 1:
                 gs_all[t - 1] = bt.mul_(inv[t - 1].unsqueeze(-1))
         b1 = bt
-        g0 = _mm(b1, at).mul_(inv[0].unsqueeze(-1))  # m_1 = (pi * e_0 / c_0) @ A
+        g0 = mm(b1, at).mul_(inv[0].unsqueeze(-1))  # m_1 = (pi * e_0 / c_0) @ A
         ms, gs1, e1 = msgs[1:], gs_all[1:], e[1:]
         eu = _rows_mm(ms, ct).mul_(e1)  # e_t * u_t
         v = _rows_mm(gs1, at)

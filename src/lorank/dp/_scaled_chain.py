@@ -36,11 +36,13 @@ from contextlib import contextmanager
 
 import torch
 
+from lorank._gemm import Operand, mm
 from lorank._numerics import safe_log
 from lorank.factors import ProbTerms
 from lorank.semiring import log_matmul, safe_logsumexp
 
 Chains = list[list[torch.Tensor]]
+Operands = list[list[Operand]]  # the chains' matrices, ready for repeated products
 Bands = list[tuple[torch.Tensor, int]]  # (band probabilities transposed: (*batch, 2w+1, Z), w)
 
 
@@ -109,24 +111,6 @@ def exp_emission(
 
 
 # ---- products -------------------------------------------------------------------------------
-def _mm(x: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ m`` for x (B, n) and m (n, k) or per example (B, n, k), optionally into ``out``."""
-    if m.dim() == 2:
-        return torch.mm(x, m) if out is None else torch.mm(x, m, out=out)
-    if out is None:
-        return torch.bmm(x.unsqueeze(1), m).squeeze(1)
-    torch.bmm(x.unsqueeze(1), m, out=out.unsqueeze(1))
-    return out
-
-
-def _addmm_(acc: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``acc += x @ m`` in place (shapes as in :func:`_mm`)."""
-    if m.dim() == 2:
-        return acc.addmm_(x, m)
-    acc.unsqueeze(1).baddbmm_(x.unsqueeze(1), m)
-    return acc
-
-
 @functools.lru_cache(maxsize=64)
 def _offsets(width: int, z: int) -> tuple[tuple[int, slice, slice], ...]:
     """``(k, src, dst)`` per band column k with offset ``o = k - width``: the slices with
@@ -227,10 +211,14 @@ def _needs_alpha(chains: Chains, bands: Bands) -> bool:
     return bool(bands) or any(len(c) == 1 for c in chains)
 
 
+def _operands(chains: Chains, rows: int, uses: int) -> Operands:
+    return [[Operand(m, rows, uses) for m in mats] for mats in chains]
+
+
 def _propagate(
     ah: torch.Tensor,
     cs: torch.Tensor,
-    chains: Chains,
+    chains: Operands,
     bands: Bands,
     out: torch.Tensor | None,
     inter: list[list[torch.Tensor]] | None,
@@ -242,13 +230,13 @@ def _propagate(
     for ci, mats in enumerate(chains):
         x = alpha if alpha is not None else ah
         for i, m in enumerate(mats[:-1]):
-            x = _mm(x, m, None if inter is None else inter[ci][i])
+            x = m.mm(x, None if inter is None else inter[ci][i])
             if i == 0 and alpha is None:
                 x.div_(cs)
         if u is None:
-            u = _mm(x, mats[-1], out)
+            u = mats[-1].mm(x, out)
         else:
-            _addmm_(u, x, mats[-1])
+            mats[-1].addmm_(u, x)
     for dt, width in bands:
         u = band_apply(u, alpha, dt, width, out)
     return u
@@ -303,25 +291,29 @@ def _forward_loop(pi, e, chains: Chains, bands: Bands, ah_all, inter) -> torch.T
     es, cs = e.unbind(0), scales.unbind(0)
     ahs = None if ah_all is None else ah_all.unbind(0)
     if _plain_lowrank(chains, bands):
-        a, ct = chains[0]  # the plain LowRank chain, spelled out: the common case
+        # the plain LowRank chain, spelled out: the common case
+        a, ct = (Operand(m, b, t_len - 1) for m in chains[0])
         ms = None if inter is None else inter[0][0].unbind(0)
         for t in range(1, t_len):
-            m = torch.mm(ah, a) if ms is None else torch.mm(ah, a, out=ms[t])
+            m = a.mm(ah)
             # the scale of step t - 1 from the rank message: sum(ah @ A) = sum(ah) when A's
             # rows sum to one, an R-sum instead of a Z-sum; any positive scale is exact
             # (log c is added back), and 0 / 0 after an impossible step is caught by the caller
             torch.sum(m, -1, keepdim=True, out=cs[t - 1])
-            m.div_(cs[t - 1])
-            ah = torch.mm(m, ct) if ahs is None else torch.mm(m, ct, out=ahs[t])
-            ah.mul_(es[t])
+            if ms is None:
+                ah = ct.mm_mul(m.div_(cs[t - 1]), es[t])
+            else:
+                m = torch.div(m, cs[t - 1], out=ms[t])
+                ah = torch.mul(ct.mm(m), es[t], out=ahs[t])
         torch.sum(ah, -1, keepdim=True, out=cs[t_len - 1])
         return scales.squeeze(-1)
+    ops = _operands(chains, b, t_len - 1)
     torch.sum(ah, -1, keepdim=True, out=cs[0])
     inters = None if inter is None else [[x.unbind(0) for x in c] for c in inter]
     for t in range(1, t_len):
         inter_t = None if inters is None else [[x[t] for x in c] for c in inters]
         out = None if ahs is None else ahs[t]
-        ah = _propagate(ah, cs[t - 1], chains, bands, out, inter_t).mul_(es[t])
+        ah = _propagate(ah, cs[t - 1], ops, bands, out, inter_t).mul_(es[t])
         torch.sum(ah, -1, keepdim=True, out=cs[t])
     return scales.squeeze(-1)
 
@@ -339,11 +331,12 @@ def _safe_forward(pi, em, pad, chains: Chains, bands: Bands) -> torch.Tensor:
     scales = em.new_empty(t_len, b, 1)
     shifts = em.new_empty(t_len, b, 1)
     ah = None
+    ops = _operands(chains, b, t_len - 1)
     for t in range(t_len):
         if ah is None:
             u = pi.clone()
         else:
-            u = _propagate(ah, scales[t - 1].clamp_min(tiny), chains, bands, None, None)
+            u = _propagate(ah, scales[t - 1].clamp_min(tiny), ops, bands, None, None)
         x = u.log_().add_(em[t])
         kt = x.amax(-1, keepdim=True)
         kt = torch.where(torch.isfinite(kt), kt, 0.0)
@@ -374,13 +367,13 @@ def _weight_grad(
     m, n = x.shape[-1], g.shape[-1]
     xf, gf = x.reshape(-1, m), g.reshape(-1, n)
     if m != n and min(m, n) <= SMALL_RANK_GEMM:
-        out = xf.t() @ gf if m < n else (gf.t() @ xf).t()  # rows of the product: the rank
+        out = mm(xf.t(), gf) if m < n else mm(gf.t(), xf).t()  # rows of the product: the rank
         if (m > n) != want_t:  # out is a transposed view iff m > n
             out = out.t().contiguous().t() if want_t else out.contiguous()
         return out
     if want_t:
-        return (gf.t() @ xf).t()
-    return xf.t() @ gf
+        return mm(gf.t(), xf).t()
+    return mm(xf.t(), gf)
 
 
 def backward(
@@ -432,7 +425,7 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
     g_all[t_len - 1] = (gz * inv[t_len - 1]).unsqueeze(-1)
     # per chain, gradients w.r.t. the outputs of matrices 1..n-1 (the first one pre-scaled)
     gmid = [[e.new_empty(t_len, b, m.shape[-1]) for m in mats[:-1]] for mats in chains]
-    mats_t = [[m.transpose(-1, -2) for m in mats] for mats in chains]
+    mats_t = _operands([[m.transpose(-1, -2) for m in mats] for mats in chains], b, t_len - 1)
     # the step views made once (one unbind is cheaper than T - 1 Python indexings)
     gs, es, invs = g_all.unbind(0), e.unbind(0), inv.unsqueeze(-1).unbind(0)
     ws = None if w_all is None else w_all.unbind(0)
@@ -440,14 +433,16 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
     if _plain_lowrank(chains, bands):
         at, c = mats_t[0]  # the plain LowRank chain, spelled out: the common case
         qs = gmid[0][0].unbind(0)
+        g = gs[t_len - 1]  # dL/d alpha_hat_t; in g_all only where needed (the emission gradient)
         for t in range(t_len - 1, 0, -1):
-            g = gs[t]
             w = torch.mul(g, es[t]) if ws is None else torch.mul(g, es[t], out=ws[t])
             if ahs is not None:
-                g.mul_(ahs[t])
-            q = torch.mm(w, c, out=qs[t])
-            q.mul_(invs[t - 1])  # gradient w.r.t. the rank product before normalization
-            torch.mm(q, at, out=gs[t - 1])
+                torch.mul(g, ahs[t], out=gs[t])
+            # the gradient w.r.t. the rank product before normalization
+            q = torch.mul(c.mm(w), invs[t - 1], out=qs[t])
+            g = at.mm(q)
+        if t_len > 1:
+            gs[0].copy_(g)
     else:
         gmids = [[x.unbind(0) for x in c] for c in gmid]
         for t in range(t_len - 1, 0, -1):
@@ -460,13 +455,13 @@ def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_al
             for ci, mats in enumerate(mats_t):
                 x = w
                 for i in range(len(mats) - 1, 0, -1):
-                    x = _mm(x, mats[i], out=gmids[ci][i - 1][t])
+                    x = mats[i].mm(x, out=gmids[ci][i - 1][t])
                 if not alpha_mode:
                     x.mul_(it)  # gradient w.r.t. the product before its normalization
                 if beta is None:
-                    beta = _mm(x, mats[0], gs[t - 1])
+                    beta = mats[0].mm(x, gs[t - 1])
                 else:
-                    _addmm_(beta, x, mats[0])
+                    mats[0].addmm_(beta, x)
             for dt, width in bands:
                 beta = band_apply(beta, w, dt, width, gs[t - 1], adjoint=True)
             if alpha_mode:

@@ -1,0 +1,172 @@
+"""The GEMM backend (``lorank._gemm``): oneDNN's products equal torch's, the dispatch goes
+where it says, and the chains give the same values and gradients on either backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorank
+from lorank import _gemm
+
+needs_onednn = pytest.mark.skipif(not _gemm._AVAILABLE, reason="no oneDNN in this torch build")
+
+
+@pytest.fixture
+def count_onednn(monkeypatch):
+    """Counts oneDNN calls (plain and fused) while forwarding them."""
+    calls = {"n": 0}
+    linear, binary = _gemm._LINEAR, _gemm._LINEAR_BINARY
+
+    def counted(fn):
+        def call(*args):
+            calls["n"] += 1
+            return fn(*args)
+
+        return call
+
+    monkeypatch.setattr(_gemm, "_LINEAR", counted(linear))
+    monkeypatch.setattr(_gemm, "_LINEAR_BINARY", counted(binary))
+    return calls
+
+
+@pytest.fixture
+def backend():
+    old = _gemm.get_backend()
+    yield _gemm.set_backend
+    _gemm.set_backend(old)
+
+
+def _close(a, b, tol=2e-5):
+    scale = b.abs().max().clamp_min(1.0)
+    assert ((a - b).abs().max() / scale).item() < tol
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed", [False, True])
+def test_operand_products_equal_torch(packed, count_onednn, monkeypatch):
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    monkeypatch.setattr(_gemm, "MIN_PACK_WORK", 0 if packed else 1 << 62)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 96, generator=gen)
+    m = torch.randn(96, 40, generator=gen)
+    other = torch.randn(16, 40, generator=gen)
+    ref = x.double() @ m.double()
+    for mat in (m, m.t().contiguous().t()):  # contiguous and transposed layouts
+        op = _gemm.Operand(mat, rows=16, uses=10)
+        _close(op.mm(x).double(), ref)
+        out = torch.empty(16, 40)
+        assert op.mm(x, out=out) is out
+        _close(out.double(), ref)
+        _close(op.mm_mul(x, other).double(), ref * other.double())
+        acc = other.clone()
+        assert op.addmm_(acc, x) is acc
+        _close(acc.double(), ref + other.double())
+        _close(op.mm(x[:5]).double(), ref[:5])  # fewer rows than packed for
+    assert count_onednn["n"] == 10
+
+
+@needs_onednn
+def test_mm_views_and_fallbacks(count_onednn, monkeypatch):
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 30, generator=gen)
+    g = torch.randn(64, 20, generator=gen)
+    _close(_gemm.mm(x.t(), g).double(), x.t().double() @ g.double())  # strided operands
+    assert count_onednn["n"] == 1
+    # float64, per-example matrices and tensors that autograd tracks stay with torch
+    _close(_gemm.mm(x.double().t(), g.double()), x.t().double() @ g.double(), 1e-12)
+    batched = torch.randn(64, 30, 5, generator=gen)
+    _close(_gemm.mm(x, batched), (x.unsqueeze(1) @ batched).squeeze(1), 1e-6)
+    w = torch.randn(30, 20, requires_grad=True)
+    y = _gemm.mm(x, w)
+    y.sum().backward()
+    _close(w.grad, x.sum(0, keepdim=True).t().expand(30, 20), 1e-5)
+    assert count_onednn["n"] == 1
+
+
+@needs_onednn
+def test_small_products_stay_with_torch(count_onednn):
+    _gemm.mm(torch.randn(4, 8), torch.randn(8, 4))
+    assert count_onednn["n"] == 0
+
+
+@needs_onednn
+def test_torch_backend_never_calls_onednn(count_onednn, backend, monkeypatch):
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    backend("torch")
+    _gemm.mm(torch.randn(16, 64), torch.randn(64, 32))
+    _gemm.Operand(torch.randn(64, 32), rows=16, uses=100).mm(torch.randn(16, 64))
+    assert count_onednn["n"] == 0
+
+
+def test_backend_names_are_checked(backend):
+    with pytest.raises(ValueError, match="'mkl'"):
+        backend("mkl")
+    assert backend("torch") in _gemm.BACKENDS
+    assert _gemm.get_backend() == "torch"
+
+
+def _hmm_grads(kind: str, gen: torch.Generator):
+    z, r, b, t = 48, 12, 6, 9
+    init = torch.randn(z, generator=gen).requires_grad_()
+    tensors = [init]
+    if kind == "dense":
+        logits = torch.randn(z, z, generator=gen).requires_grad_()
+        factor, tensors = lorank.Dense(logits), [*tensors, logits]
+    else:
+        left = torch.randn(z, r, generator=gen).requires_grad_()
+        right = torch.randn(z, r, generator=gen).requires_grad_()
+        factor, tensors = lorank.LowRank(left, right), [*tensors, left, right]
+        if kind == "lowrank+banded":
+            band = torch.randn(z, 3, generator=gen).requires_grad_()
+            factor, tensors = factor + lorank.Banded(band, 1), [*tensors, band]
+    em = torch.randn(b, t, z, generator=gen).log_softmax(-1).requires_grad_()
+    lengths = torch.tensor([9, 7, 9, 1, 4, 9])
+    with torch.no_grad():
+        fwd_only = lorank.HMM(init, factor, em, lengths=lengths).log_partition
+    log_z = lorank.HMM(init, factor, em, lengths=lengths).log_partition
+    grads = torch.autograd.grad((log_z * torch.arange(1.0, b + 1)).sum(), [*tensors, em])
+    return fwd_only, log_z.detach(), grads
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "lowrank+banded"])
+def test_chain_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
+    """The scaled chain (forward only, forward + backward, padding) on oneDNN equals torch's."""
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    monkeypatch.setattr(_gemm, "MIN_PACK_WORK", 0)
+    backend("torch")
+    ref = _hmm_grads(kind, torch.Generator().manual_seed(2))
+    assert count_onednn["n"] == 0
+    backend("onednn")
+    got = _hmm_grads(kind, torch.Generator().manual_seed(2))
+    assert count_onednn["n"] > 0
+    _close(got[0], ref[0])
+    _close(got[1], ref[1])
+    for g, r in zip(got[2], ref[2], strict=True):
+        _close(g, r, 1e-4)
+
+
+@needs_onednn
+def test_rank_space_same_on_both_backends(count_onednn, backend, monkeypatch):
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(3)
+    z, r, b, t = 40, 6, 5, 8
+    params = [torch.randn(z), torch.randn(z, r), torch.randn(z, r)]
+    em = torch.randn(b, t, z, generator=gen).log_softmax(-1)
+
+    def run():
+        leaves = [p.clone().requires_grad_() for p in [*params, em]]
+        init, left, right, e = leaves
+        log_z = lorank.RankSpaceHMM(init, lorank.LowRank(left, right), e).log_partition
+        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+
+    backend("torch")
+    ref = run()
+    backend("onednn")
+    got = run()
+    assert count_onednn["n"] > 0
+    _close(got[0], ref[0])
+    for g, r in zip(got[1], ref[1], strict=True):
+        _close(g, r, 1e-4)
