@@ -67,10 +67,42 @@ def interleaved(fns: dict, reps: int, budget_s: float) -> dict[str, float]:
     return best
 
 
-def matmul_gflops(n: int = 2048) -> float:
+# ---- the two GEMM kernels of the bare loops ---------------------------------------------------
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def torch_products(m: torch.Tensor, rows: int):
+    """``x -> x @ m`` with ``torch.mm`` (MKL on CPU)."""
+    return lambda x: x @ m
+
+
+def onednn_products(m: torch.Tensor, rows: int):
+    """``x -> x @ m`` on oneDNN's kernel, ``m`` packed once for ``rows``-row products (what
+    lorank's GEMM backend does on CPU float32; written here with torch's ops)."""
+    w = torch.ops.mkldnn._reorder_linear_weight(m.t().contiguous(), rows)
+    linear = torch.ops.mkldnn._linear_pointwise.default
+    return lambda x: linear(x, w, None, "none", [], "")
+
+
+def torch_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x @ y
+
+
+def onednn_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.default(x, y.t(), None, "none", [], "")
+
+
+KERNELS = {"torch": (torch_products, torch_mm), "onednn": (onednn_products, onednn_mm)}
+
+
+def matmul_gflops(n: int = 2048) -> dict[str, float]:
+    """Square float32 matmul rate of each kernel (torch's default, and oneDNN's if present)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = interleaved({"mm": lambda: a @ b}, 3, 10.0)["mm"]
-    return 2 * n**3 / t / 1e9
+    fns = {"torch": lambda: a @ b}
+    if onednn_available():
+        fns["onednn"] = lambda: onednn_mm(a, b)
+    return {k: 2 * n**3 / t / 1e9 for k, t in interleaved(fns, 3, 10.0).items()}
 
 
 # ---- HMM: inputs and bare references -----------------------------------------------------------
@@ -116,8 +148,11 @@ def _scaled_emission(em):
     return (em - k[..., None]).exp_(), k.sum(1)
 
 
-def bare_hmm(kind: str, p: dict, em: torch.Tensor, width: int) -> torch.Tensor:
-    """The scaled forward algorithm, nothing else (see the module docstring)."""
+def bare_hmm(kind: str, p: dict, em: torch.Tensor, width: int, kernel: str = "torch"
+             ) -> torch.Tensor:
+    """The scaled forward algorithm, nothing else (see the module docstring); products on
+    ``kernel`` (a key of :data:`KERNELS`)."""
+    products = KERNELS[kernel][0]
     b, t_len, z = em.shape
     pi = p["init"].softmax(-1)
     e, ksum = _scaled_emission(em)
@@ -136,14 +171,15 @@ def bare_hmm(kind: str, p: dict, em: torch.Tensor, width: int) -> torch.Tensor:
         a, ct, _ = _lowrank_probs(p["left"], p["right"])
         mats = [a, ct]
     if kind == "rank_space":
-        return _bare_rank_space(pi, a, ct, e) + ksum
+        return _bare_rank_space(pi, a, ct, e, KERNELS[kernel][1]) + ksum
+    mats = [products(m, b) for m in mats]
     scales = em.new_empty(t_len, b)
     alpha = pi * e[:, 0]
     for t in range(t_len):
         if t > 0:
             u = alpha
             for m in mats:
-                u = u @ m
+                u = m(u)
             if kind == "band":
                 for k in range(2 * width + 1):
                     o = k - width
@@ -158,12 +194,12 @@ def bare_hmm(kind: str, p: dict, em: torch.Tensor, width: int) -> torch.Tensor:
     return scales.log_().sum(0) + ksum
 
 
-def _bare_rank_space(pi, a, ct, e):
+def _bare_rank_space(pi, a, ct, e, mm=torch_mm):
     """Rank space: every step's R x R matrix from one GEMM, then the O(R^2) recursion."""
     b, t_len, z = e.shape
     r = a.shape[1]
     kr = (ct.t().unsqueeze(-1) * a.unsqueeze(-2)).reshape(z, r * r)
-    ms = (e[:, 1:].reshape(-1, z) @ kr).view(b, t_len - 1, r, r)
+    ms = mm(e[:, 1:].reshape(-1, z), kr).view(b, t_len - 1, r, r)
     alpha = pi * e[:, 0]
     c = alpha.sum(-1)
     logs = c.log()
@@ -176,11 +212,13 @@ def _bare_rank_space(pi, a, ct, e):
     return logs
 
 
-def bare_lowrank_fwdbwd(p: dict, em: torch.Tensor):
+def bare_lowrank_fwdbwd(p: dict, em: torch.Tensor, kernel: str = "torch"):
     """The floor of LowRank forward+backward: ``(log Z (B,), grads)`` of ``sum(log Z)`` w.r.t.
     ``init``, ``left``, ``right`` and the emissions, by the scaled forward pass saving its
     messages, the backward algorithm (two GEMMs a step) and one GEMM per weight gradient,
-    then the two softmax Jacobians in closed form.  Run it under ``torch.no_grad()``."""
+    then the two softmax Jacobians in closed form; products on ``kernel``.  Run it under
+    ``torch.no_grad()``."""
+    products, mm = KERNELS[kernel]
     b, t_len, z = em.shape
     left, right = p["left"], p["right"]
     r = left.shape[1]
@@ -189,37 +227,35 @@ def bare_lowrank_fwdbwd(p: dict, em: torch.Tensor):
     cm = (right - s).exp_()  # C (Z, R), columns sum to one
     ls = left + s
     a = ls.sub_(torch.logsumexp(ls, -1, keepdim=True)).exp_()  # A (Z, R), rows sum to one
-    ct = cm.t()
+    by_a, by_ct = products(a, b), products(cm.t(), b)
     k = em.amax(-1, keepdim=True)
     e = (em - k).transpose(0, 1).contiguous().exp_()  # (T, B, Z)
     ah_all, m_all = em.new_empty(t_len, b, z), em.new_empty(t_len, b, r)
     scales = em.new_empty(t_len, b, 1)
     ah = torch.mul(pi, e[0], out=ah_all[0])
     for t in range(1, t_len):
-        m = torch.mm(ah, a, out=m_all[t])
+        m = by_a(ah)
         torch.sum(m, -1, keepdim=True, out=scales[t - 1])
-        m.div_(scales[t - 1])
-        ah = torch.mm(m, ct, out=ah_all[t]).mul_(e[t])
+        m = torch.div(m, scales[t - 1], out=m_all[t])
+        ah = torch.mul(by_ct(m), e[t], out=ah_all[t])
     torch.sum(ah, -1, keepdim=True, out=scales[t_len - 1])
     log_z = scales.log().sum(0).squeeze(-1) + k.squeeze(-1).sum(1)
-    # backward: g_t = d logZ / d alpha_hat_t, written into the emission gradient (B, T, Z)
+    # backward: g = d logZ / d alpha_hat_t; the emission gradient (B, T, Z) is g * alpha_hat
     inv = 1.0 / scales
     ge = em.new_empty(b, t_len, z)
-    g_all = ge.transpose(0, 1)
+    ge_t = ge.transpose(0, 1)
     w_all, q_all = em.new_empty(t_len, b, z), em.new_empty(t_len, b, r)
-    g_all[t_len - 1] = inv[t_len - 1]
-    at = a.t()
+    by_c, by_at = products(cm, b), products(a.t(), b)
+    g = inv[t_len - 1].expand(b, z)
     for t in range(t_len - 1, 0, -1):
-        g = g_all[t]
         w = torch.mul(g, e[t], out=w_all[t])
-        g.mul_(ah_all[t])  # the emission gradient (posterior marginal) of step t
-        q = torch.mm(w, cm, out=q_all[t]).mul_(inv[t - 1])
-        torch.mm(q, at, out=g_all[t - 1])
-    g0 = g_all[0]
-    d_pi = (g0 * e[0]).sum(0)
-    g0.mul_(ah_all[0])
-    d_a = ah_all[:-1].reshape(-1, z).t() @ q_all[1:].reshape(-1, r)  # (Z, R)
-    d_c = (m_all[1:].reshape(-1, r).t() @ w_all[1:].reshape(-1, z)).t()  # (Z, R)
+        torch.mul(g, ah_all[t], out=ge_t[t])  # the emission gradient (posterior) of step t
+        q = torch.mul(by_c(w), inv[t - 1], out=q_all[t])
+        g = by_at(q)
+    d_pi = (g * e[0]).sum(0)
+    torch.mul(g, ah_all[0], out=ge_t[0])
+    d_a = mm(ah_all[:-1].reshape(-1, z).t(), q_all[1:].reshape(-1, r))  # (Z, R)
+    d_c = mm(m_all[1:].reshape(-1, r).t(), w_all[1:].reshape(-1, z)).t()  # (Z, R)
     d_init = pi * (d_pi - (d_pi * pi).sum())
     d_left = d_a.mul_(a)  # softmax over r: A (dA - rowsum(dA A))
     d_left.addcmul_(a, d_left.sum(-1, keepdim=True), value=-1.0)
@@ -464,18 +500,26 @@ def time_case(bare, ours, p, x, reps, budget, extra=None):
     return out
 
 
-def bare_fwdbwd_run(p: dict, em: torch.Tensor) -> None:
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def bare_fwdbwd_run(p: dict, em: torch.Tensor, kernel: str = "torch") -> None:
     with torch.no_grad():
-        bare_lowrank_fwdbwd(p, em)
+        bare_lowrank_fwdbwd(p, em, kernel)
 
 
-def lowrank_grad_diff(p: dict, em: torch.Tensor) -> float:
+def lowrank_grad_diff(p: dict, em: torch.Tensor, kernel: str = "torch") -> float:
     """Largest gradient difference between lorank and :func:`bare_lowrank_fwdbwd`, relative
     to each gradient's largest entry (the bare reference must compute the same thing)."""
     pg, xg = leaves(p), em.detach().clone().requires_grad_(True)
     lorank_hmm("lowrank", pg, xg, 0).sum().backward()
     with torch.no_grad():
-        _, grads = bare_lowrank_fwdbwd(p, em)
+        _, grads = bare_lowrank_fwdbwd(p, em, kernel)
     ours = {**{k: v.grad for k, v in pg.items()}, "emission": xg.grad}
     return max(float((grads[k] - g).abs().max() / g.abs().max().clamp_min(1e-30))
                for k, g in ours.items())
@@ -493,9 +537,16 @@ def run_hmm(args, gen, research) -> list[dict]:
             text = torch.randint(0, 1000, (b, t), generator=gen)
             em = table.t()[text]  # the same emissions for every contender
             extra["fwd_research"] = research_case(research, p, table, text)
+        onednn = onednn_available() and kind != "rank_space"
+        if onednn:  # the same bare loop on the GEMM kernel lorank uses here
+            extra["fwd_bare_onednn"] = _no_grad(
+                lambda p=p, em=em, kind=kind: bare_hmm(kind, p, em, args.width, "onednn"))
         if kind == "lowrank":
             extra["fwdbwd_bare"] = lambda p=p, em=em: bare_fwdbwd_run(p, em)
             grad_diff = lowrank_grad_diff(p, em)
+            if onednn:
+                extra["fwdbwd_bare_onednn"] = lambda p=p, em=em: bare_fwdbwd_run(p, em, "onednn")
+                grad_diff = max(grad_diff, lowrank_grad_diff(p, em, "onednn"))
         res = time_case(bare, ours, p, em, args.reps, args.budget, extra)
         if grad_diff is not None:
             res["grad_diff"] = grad_diff
@@ -580,6 +631,13 @@ def fmt_row(row: dict) -> str:
         extra += (f"  bare fwd+bwd {row['fwdbwd_bare']:.4f}s "
                   f"({row['fwdbwd_bare'] / row['fwd_bare']:.2f}x; lorank/bare "
                   f"{row['fwdbwd'] / row['fwdbwd_bare']:.2f}, grad diff {row['grad_diff']:.1e})")
+    if "fwd_bare_onednn" in row:
+        b1 = row["fwd_bare_onednn"]
+        extra += (f"  bare oneDNN fwd {b1:.4f}s (lorank fwd {row['fwd'] / b1:.2f}x, "
+                  f"fwd+bwd {row['fwdbwd'] / b1:.2f}x)")
+    if "fwdbwd_bare_onednn" in row:
+        extra += (f"  bare oneDNN fwd+bwd {row['fwdbwd_bare_onednn']:.4f}s "
+                  f"({row['fwdbwd_bare_onednn'] / row['fwd_bare_onednn']:.2f}x)")
     if "fwd_research" in row:
         ratio = row["fwd"] / row["fwd_research"]
         extra += f"  research {row['fwd_research']:.4f}s (lorank/research {ratio:.2f})"
@@ -612,6 +670,21 @@ def acceptance(rows: list[dict]) -> list[str]:
                    f"benchmark, same gradients to {max(r['grad_diff'] for r in floor):.0e} "
                    f"relative) takes {min(fl):.2f}x-{max(fl):.2f}x the bare forward; lorank's "
                    f"forward+backward is {min(ours):.2f}x-{max(ours):.2f}x the bare one")
+    same = [r for r in lr if "fwd_bare_onednn" in r]
+    if same:
+        rf = [r["fwd"] / r["fwd_bare_onednn"] for r in same]
+        rb = [r["fwdbwd"] / r["fwd_bare_onednn"] for r in same]
+        line = (f"- Against the same bare loops on oneDNN's GEMM (the kernel lorank uses on CPU "
+                f"float32): forward {min(rf):.2f}x-{max(rf):.2f}x the bare forward, "
+                f"forward+backward {min(rb):.2f}x-{max(rb):.2f}x it")
+        fb = [r for r in same if "fwdbwd_bare_onednn" in r]
+        if fb:
+            fl = [r["fwdbwd_bare_onednn"] / r["fwd_bare_onednn"] for r in fb]
+            ours = [r["fwdbwd"] / r["fwdbwd_bare_onednn"] for r in fb]
+            line += (f"; the bare forward+backward there takes {min(fl):.2f}x-{max(fl):.2f}x "
+                     f"the bare forward and lorank's {min(ours):.2f}x-{max(ours):.2f}x the bare "
+                     f"forward+backward")
+        out.append(line)
     tr = {r["kind"]: r["step_s"] for r in rows if r["section"] == "train"}
     if {"hmm", "lhmm", "lhmm_band"} <= tr.keys():
         ratio = tr["lhmm"] / tr["lhmm_band"]
@@ -631,11 +704,14 @@ def acceptance(rows: list[dict]) -> list[str]:
     return out
 
 
-def table(rows: list[dict], peak: float) -> list[str]:
+def table(rows: list[dict]) -> list[str]:
     lines = ["| section | kind | size | bare fwd s | fwd s | fwd / bare | fwd GFLOP/s | "
              "fwd+bwd s | fwd+bwd / bare fwd | bare fwd+bwd / bare fwd | "
-             "fwd+bwd / bare fwd+bwd | research fwd s | \\|Δ log Z\\| |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "fwd+bwd / bare fwd+bwd | oneDNN bare fwd s | fwd / oneDNN bare | "
+             "fwd+bwd / oneDNN bare fwd | oneDNN bare fwd+bwd / its fwd | research fwd s | "
+             "\\|Δ log Z\\| |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---:|"]
     for r in rows:
         if r["section"] == "train":
             continue
@@ -645,10 +721,14 @@ def table(rows: list[dict], peak: float) -> list[str]:
         rs = f"{r['fwd_research']:.4f}" if "fwd_research" in r else "-"
         fb0 = r.get("fwdbwd_bare")
         floor = f"{fb0 / r['fwd_bare']:.2f} | {r['fwdbwd'] / fb0:.2f}" if fb0 else "- | -"
+        b1, fb1 = r.get("fwd_bare_onednn"), r.get("fwdbwd_bare_onednn")
+        same = (f"{b1:.4f} | {r['fwd'] / b1:.2f} | {r['fwdbwd'] / b1:.2f} | "
+                + (f"{fb1 / b1:.2f}" if fb1 else "-")) if b1 else "- | - | - | -"
         lines.append(
             f"| {r['section']} | {r['kind']} | {size} | {r['fwd_bare']:.4f} | {r['fwd']:.4f} | "
             f"{r['fwd'] / r['fwd_bare']:.2f} | {gf} | {r['fwdbwd']:.4f} | "
-            f"{r['fwdbwd'] / r['fwd_bare']:.2f} | {floor} | {rs} | {r['logz_diff']:.1e} |")
+            f"{r['fwdbwd'] / r['fwd_bare']:.2f} | {floor} | {same} | {rs} | "
+            f"{r['logz_diff']:.1e} |")
     tr = [r for r in rows if r["section"] == "train"]
     if tr:
         dense = next((r["step_s"] for r in tr if r["kind"] == "hmm"), None)
@@ -661,14 +741,22 @@ def table(rows: list[dict], peak: float) -> list[str]:
     return lines
 
 
+def peak_text(peak) -> str:
+    """``peak``: one rate (runs before the oneDNN backend) or a rate per kernel."""
+    if not isinstance(peak, dict):
+        return f"{peak:.1f} GFLOP/s"
+    return ", ".join(f"{v:.1f} GFLOP/s ({'torch.mm' if k == 'torch' else k})"
+                     for k, v in peak.items())
+
+
 def write_results(rows, peak, args, wall_s: float, command: str | None = None,
                   machine: str | None = None) -> None:
     section = [
         BEGIN,
         "# Inference speed: lorank against bare reference loops",
         "",
-        f"Machine: {machine or machine_description()}; square float32 matmul: {peak:.1f} "
-        "GFLOP/s.",
+        f"Machine: {machine or machine_description()}; square float32 matmul: "
+        f"{peak_text(peak)}.",
         "",
         f"Command: `python benchmarks/inference_speed.py "
         f"{' '.join(args.argv) if command is None else command}` "
@@ -685,7 +773,10 @@ def write_results(rows, peak, args, wall_s: float, command: str | None = None,
         "(HMM only).  `research fwd` is the paper's LHMM forward on the same inputs: the "
         "feature normalization of its `compute_rff_parameters` (written in the benchmark) and "
         "its recursion `BLHmmLm.compute_rff_loss`, imported from a checkout of "
-        "github.com/justinchiu/low-rank-models (`--research-code`).",
+        "github.com/justinchiu/low-rank-models (`--research-code`).  The `bare` loops call "
+        "`torch.mm` (MKL on this CPU); the `oneDNN bare` ones are the same loops with their "
+        "products on oneDNN (loop-invariant matrices packed once), the kernel lorank's GEMM "
+        "backend picks on CPU float32 (`src/lorank/_gemm.py`).",
         "",
         "## Targets (this run)",
         "",
@@ -693,7 +784,7 @@ def write_results(rows, peak, args, wall_s: float, command: str | None = None,
         "",
         "## All measurements",
         "",
-        *table(rows, peak),
+        *table(rows),
         "",
         "![inference speed](inference_speed.png)",
         END,
@@ -806,7 +897,7 @@ def main(argv=None) -> int:
     args.hmm_cases = [c for c in cases if c[0] in args.kinds]
     research = research_fn(args.research_code) if args.research_code else None
     peak = matmul_gflops(1024 if args.quick else 2048)
-    print(f"# {machine_description()}\n# square matmul {peak:.1f} GFLOP/s", flush=True)
+    print(f"# {machine_description()}\n# square matmul {peak_text(peak)}", flush=True)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     rows: list[dict] = []

@@ -43,3 +43,22 @@ def test_bare_lowrank_forward_backward_matches_autograd():
     # the emission gradient is the state posterior: each step sums to one
     torch.testing.assert_close(grads["emission"].sum(-1), torch.ones(3, 5, dtype=torch.float64))
     assert inference_speed.lowrank_grad_diff(p, em) < 1e-10
+
+
+@pytest.mark.skipif(not inference_speed.onednn_available(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "band", "rank_space"])
+def test_bare_loops_on_onednn_match_torch(kind):
+    """The benchmark's oneDNN variants of the bare loops (float32) compute the same values and
+    gradients as its torch.mm ones."""
+    gen = torch.Generator().manual_seed(1)
+    p, em = inference_speed.hmm_inputs(kind, 40, 8, 4, 6, 2, gen)
+    with torch.no_grad():
+        ref = inference_speed.bare_hmm(kind, p, em, 2, "torch")
+        got = inference_speed.bare_hmm(kind, p, em, 2, "onednn")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+        if kind == "lowrank":
+            z_ref, g_ref = inference_speed.bare_lowrank_fwdbwd(p, em, "torch")
+            z_got, g_got = inference_speed.bare_lowrank_fwdbwd(p, em, "onednn")
+            torch.testing.assert_close(z_got, z_ref, rtol=1e-5, atol=1e-4)
+            for name, g in g_ref.items():
+                torch.testing.assert_close(g_got[name], g, rtol=1e-4, atol=1e-5)
