@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from lorank import _gemm
 from lorank._checks import check_positive_int, check_tensor
 from lorank._numerics import finite_or_zero
 from lorank.semiring import log_matmul, log_matmul_by, safe_logsumexp
@@ -48,7 +49,7 @@ class ProbTerms(NamedTuple):
 def _bmv(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m`` for messages x (..., B, Z) and m (Z, K) or batched (B, Z, K)."""
     if m.dim() == 2:
-        return x @ m
+        return _gemm.mm(x, m) if x.dim() == 2 else x @ m
     return (x.unsqueeze(-2) @ m).squeeze(-2)
 
 
