@@ -170,3 +170,43 @@ def test_rank_space_same_on_both_backends(count_onednn, backend, monkeypatch):
     _close(got[0], ref[0])
     for g, r in zip(got[1], ref[1], strict=True):
         _close(g, r, 1e-4)
+
+
+@needs_onednn
+def test_memory_light_same_on_both_backends(count_onednn, backend, monkeypatch):
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(4)
+    z, r, b, t = 32, 8, 4, 7
+    params = [torch.randn(z, generator=gen), torch.randn(z, r, generator=gen),
+              torch.randn(z, r, generator=gen), torch.randn(b, t, z, generator=gen)]
+
+    def run():
+        leaves = [p.clone().requires_grad_() for p in params]
+        init, left, right, em = leaves
+        hmm = lorank.HMM(init, lorank.LowRank(left, right), em, memory_light=True)
+        log_z = hmm.log_partition
+        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+
+    backend("torch")
+    ref = run()
+    backend("onednn")
+    got = run()
+    assert count_onednn["n"] > 0
+    _close(got[0], ref[0])
+    for g, r in zip(got[1], ref[1], strict=True):
+        _close(g, r, 1e-4)
+
+
+@pytest.mark.parametrize("value, expect", [("torch", "torch"), ("auto", "auto"), ("mkl", None)])
+def test_backend_from_environment(value, expect):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORANK_GEMM": value}
+    code = "from lorank import _gemm; print(_gemm.get_backend())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if expect is None:
+        assert res.returncode != 0 and "GEMM backend must be one of" in res.stderr
+    else:
+        assert res.returncode == 0 and res.stdout.strip() == expect
