@@ -210,3 +210,67 @@ def test_backend_from_environment(value, expect):
         assert res.returncode != 0 and "GEMM backend must be one of" in res.stderr
     else:
         assert res.returncode == 0 and res.stdout.strip() == expect
+
+
+@needs_onednn
+def test_matmul_gradients_equal_torch(count_onednn):
+    """The differentiable product: value, both gradients, a second derivative (create_graph)
+    and forward mode equal ``a @ b``'s (float32; oneDNN for all of them)."""
+    gen = torch.Generator().manual_seed(5)
+    a0, b0 = torch.randn(200, 64, generator=gen), torch.randn(64, 300, generator=gen)
+    w = torch.randn(200, 300, generator=gen)
+
+    def grads(fn):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = fn(a, b)
+        ga, gb = torch.autograd.grad((y * w).sum(), [a, b], create_graph=True)
+        # a second derivative: d/db of sum(ga^2)
+        (ggb,) = torch.autograd.grad(ga.pow(2).sum(), [b])
+        return y.detach(), ga.detach(), gb.detach(), ggb
+
+    ref = grads(lambda a, b: a @ b)
+    n0 = count_onednn["n"]
+    got = grads(_gemm.matmul)
+    assert count_onednn["n"] - n0 >= 4  # forward, two gradients, the second derivative's
+    for g, r in zip(got, ref, strict=True):
+        _close(g, r, 1e-5)
+    import torch.autograd.forward_ad as fwAD
+
+    da, db = torch.randn_like(a0), torch.randn_like(b0)
+    with fwAD.dual_level():
+        y = _gemm.matmul(fwAD.make_dual(a0, da), fwAD.make_dual(b0, db))
+        _close(fwAD.unpack_dual(y).tangent, da @ b0 + a0 @ db, 1e-5)
+
+
+@needs_onednn
+def test_matmul_under_torch_func_uses_torch(count_onednn):
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.randn(200, 64, generator=gen), torch.randn(64, 300, generator=gen)
+    g = torch.func.grad(lambda x: _gemm.matmul(x, b).sum())(a)
+    _close(g, torch.ones(200, 300) @ b.t(), 1e-5)
+    batched = torch.func.vmap(lambda x: _gemm.matmul(x, b))(a.view(4, 50, 64))
+    _close(batched.reshape(200, 300), a @ b, 1e-5)
+    assert count_onednn["n"] == 0
+
+
+def test_matmul_float64_is_exact():
+    a = torch.randn(30, 20, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_gemm.matmul, (a, b))
+    torch.testing.assert_close(_gemm.matmul(a, b), a @ b, rtol=0, atol=0)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:Input #.*double precision")
+def test_matmul_function_gradcheck(monkeypatch):
+    """gradcheck / gradgradcheck of the custom Function itself (float32: oneDNN has no float64
+    product; finite differences with a large step, so loose tolerances)."""
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(6, 5, generator=gen).requires_grad_()
+    b = torch.randn(5, 4, generator=gen).requires_grad_()
+    kw = {"eps": 1e-2, "atol": 1e-2, "rtol": 1e-2}
+    assert torch.autograd.gradcheck(_gemm._MatMul.apply, (a, b), **kw)
+    assert torch.autograd.gradgradcheck(_gemm._MatMul.apply, (a, b), **kw)
+    assert torch.autograd.gradcheck(_gemm._MatMul.apply, (a, b), check_forward_ad=True,
+                                    check_backward_ad=False, check_batched_grad=False, **kw)

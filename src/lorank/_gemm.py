@@ -140,3 +140,47 @@ class Operand:
             return acc.addmm_(x, self.matrix)
         acc.unsqueeze(1).baddbmm_(x.unsqueeze(1), self.matrix)
         return acc
+
+
+# ---- a differentiable product -----------------------------------------------------------------
+def _plain(t: torch.Tensor) -> bool:
+    """Not a functorch (vmap, grad, jvp) wrapper, whose ops oneDNN's kernel cannot take."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class _MatMul(torch.autograd.Function):
+    """``a @ b`` on oneDNN, with both gradients on oneDNN too (through :func:`matmul`, so a
+    higher derivative is differentiable again) and a forward-mode rule."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _LINEAR(a, b.t(), None, "none", [], "")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        ga = matmul(grad, b.t()) if ctx.needs_input_grad[0] else None
+        gb = matmul(a.t(), grad) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+    @staticmethod
+    def jvp(ctx, da, db):
+        a, b = ctx.saved_tensors
+        out = None if da is None else matmul(da, b)
+        if db is not None:
+            out = matmul(a, db) if out is None else out + matmul(a, db)
+        return out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D) under autograd: oneDNN for the product and its gradients on CPU float32
+    (as :func:`mm`), ``a @ b`` otherwise."""
+    if (a.dim() == 2 and b.dim() == 2 and _plain(a) and _plain(b)
+            and _onednn(a.shape[0] * a.shape[1] * b.shape[1], a.detach(), b.detach())):
+        return _MatMul.apply(a, b)
+    return a @ b

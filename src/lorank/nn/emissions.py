@@ -6,8 +6,9 @@ of the state-embedding table that a batch uses, so state dropout (a sampled subs
 costs nothing extra here.
 
 * :class:`SoftmaxEmission`: words.  ``p(w | z) = softmax_w(f(e_z) . u_w + b_w)`` with a
-  residual MLP ``f`` (Chiu & Rush 2020).  The Z' x V log-softmax is built once per batch and
-  only the columns of the batch's distinct tokens are gathered into (B, T, Z').
+  residual MLP ``f`` (Chiu & Rush 2020).  The V x Z' logits are built once per batch and only
+  the log-softmax rows of the batch's distinct tokens are gathered into (B, T, Z') (a custom
+  backward writes the logits' gradient in one softmax pass and a row scatter).
 * :class:`Bernoulli88Emission`: piano rolls.  88 independent keys per state,
   ``p(x | z) = prod_k sigmoid(l_zk)^x_k sigmoid(-l_zk)^(1 - x_k)``, with logits ``l = g(e_z)``
   from an optional MLP; the log-likelihood of all B x T frames against all Z' states is two
@@ -23,6 +24,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorank._checks import check_nonnegative_int, check_positive_int
+from lorank._gemm import matmul
+
+
+class _LogSoftmaxRows(torch.autograd.Function):
+    """``log_softmax(x, 0)[rows]`` with a one-buffer backward: ``dx = scatter(g, rows) -
+    softmax(x, 0) * colsum(g)``, one softmax pass into the gradient and a row scatter, instead
+    of autograd's zero-filled index gradient plus the log-sum-exp's own passes."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x[rows] - torch.logsumexp(x, 0, keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rows = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        s = g.sum(0, keepdim=True)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            return (torch.softmax(x, 0) * -s).index_add(0, rows, g), None
+        return torch.softmax(x, 0).mul_(-s).index_add_(0, rows, g), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        x, rows = ctx.saved_tensors
+        return dx[rows] - (torch.softmax(x, 0) * dx).sum(0, keepdim=True)
+
+
+def log_softmax_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(x, 0)[rows]`` for 2-D ``x`` (V, n) and row ids (U,): (U, n)."""
+    return _LogSoftmaxRows.apply(x, rows)
 
 
 class ResLayer(nn.Module):
@@ -95,15 +132,20 @@ class SoftmaxEmission(EmissionHead):
 
     def logits(self, state_emb: torch.Tensor) -> torch.Tensor:
         """Unnormalized emission logits (Z', V)."""
-        return self.mlp(state_emb) @ self.word_emb.T + self.bias
+        return self.word_logits(state_emb).T
+
+    def word_logits(self, state_emb: torch.Tensor) -> torch.Tensor:
+        """The logits word-major (V, Z'): a word's row is contiguous, so gathering the
+        batch's words (and scattering their gradient) moves whole rows."""
+        return matmul(self.word_emb, self.mlp(state_emb).T) + self.bias.unsqueeze(-1)
 
     def log_probs(self, state_emb: torch.Tensor) -> torch.Tensor:
         """The full (Z', V) table ``log p(w | z)``."""
         return self.logits(state_emb).log_softmax(-1)
 
     def forward(self, state_emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` (B, T) long -> (B, T, Z').  Builds Z' x V once, gathers the batch's
-        distinct tokens' columns, then indexes them by position."""
+        """``tokens`` (B, T) long -> (B, T, Z').  Builds the V x Z' logits once, gathers the
+        batch's distinct tokens' rows of their log-softmax, then indexes them by position."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(
                 f"tokens must be a (B, T) LongTensor, got {getattr(tokens, 'shape', tokens)}"
@@ -115,10 +157,9 @@ class SoftmaxEmission(EmissionHead):
                 f"token ids must lie in [0, {self.vocab_size}), got "
                 f"{int(tokens.min())}..{int(tokens.max())}"
             )
-        logits = self.logits(state_emb)  # (Z', V)
+        logits = self.word_logits(state_emb)  # (V, Z')
         uniq, inverse = torch.unique(tokens, return_inverse=True)
-        cols = logits[:, uniq] - logits.logsumexp(-1, keepdim=True)  # (Z', U)
-        return cols.T[inverse]  # (B, T, Z')
+        return log_softmax_rows(logits, uniq)[inverse]  # (U, Z') -> (B, T, Z')
 
     def sample(
         self, state_emb: torch.Tensor, generator: torch.Generator | None = None
@@ -160,7 +201,8 @@ class Bernoulli88Emission(EmissionHead):
         on, off = F.logsigmoid(logits), F.logsigmoid(-logits)  # (Z', K)
         xf = x.to(on.dtype)
         # x log s + (1 - x) log(1 - s) = x (log s - log(1 - s)) + sum_k log(1 - s)
-        return xf @ (on - off).T + off.sum(-1)
+        scores = matmul(xf.reshape(-1, xf.shape[-1]), (on - off).T)  # (B T, Z')
+        return scores.view(*xf.shape[:-1], -1) + off.sum(-1)
 
     def sample(
         self, state_emb: torch.Tensor, generator: torch.Generator | None = None

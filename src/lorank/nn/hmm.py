@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from lorank._checks import check_positive_int
+from lorank._gemm import matmul
 from lorank._numerics import gumbel_argmax
 from lorank.config import Config, option
 from lorank.distributions.hmm import HMM, RankSpaceHMM
@@ -221,7 +222,7 @@ class MLPTransition(TransitionNet):
         prev = self.prev_mlp(state_emb)
         nxt = self.next_emb if states is None else self.next_emb[states]
         if not self.low_rank:
-            return Dense(prev @ nxt.T / math.sqrt(self.hidden))
+            return Dense(matmul(prev, nxt.T) / math.sqrt(self.hidden))
         w = self.projection if features is None else self.projection[:, features]
         factor: Factor = low_rank_factor(prev @ w, nxt @ w, self.form)
         if self.band is not None:
@@ -289,7 +290,7 @@ class EmbeddingTransition(TransitionNet):
         prev = self.prev_emb if states is None else self.prev_emb[states]
         nxt = self.next_emb if states is None else self.next_emb[states]
         if not self.low_rank:
-            return Dense(prev @ nxt.T)
+            return Dense(matmul(prev, nxt.T))
         factor: Factor = low_rank_factor(self._features(prev, features),
                                          self._features(nxt, features), self.form)
         if self.band is not None:
