@@ -274,3 +274,34 @@ def test_matmul_function_gradcheck(monkeypatch):
     assert torch.autograd.gradgradcheck(_gemm._MatMul.apply, (a, b), **kw)
     assert torch.autograd.gradcheck(_gemm._MatMul.apply, (a, b), check_forward_ad=True,
                                     check_backward_ad=False, check_batched_grad=False, **kw)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_hsmm_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
+    """The semi-Markov forward (log-space operators, and the deferred transition gradient:
+    a 256 x 256 matrix) on oneDNN equals torch's, value and gradients."""
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(8)
+    z, r, b, t, k = 256, 8, 3, 7, 3
+    params = [torch.randn(z, generator=gen), torch.randn(z, k, generator=gen),
+              torch.randn(b, t, z, generator=gen)]
+    params += ([torch.randn(z, z, generator=gen)] if kind == "dense"
+               else [torch.randn(z, r, generator=gen), torch.randn(z, r, generator=gen)])
+
+    def run():
+        leaves = [p.clone().requires_grad_() for p in params]
+        init, duration, em, *mats = leaves
+        factor = lorank.Dense(*mats) if kind == "dense" else lorank.LowRank(*mats)
+        log_z = lorank.HSMM(init, factor, duration, em).log_partition
+        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+
+    backend("torch")
+    ref = run()
+    assert count_onednn["n"] == 0
+    backend("onednn")
+    got = run()
+    assert count_onednn["n"] > 0
+    _close(got[0], ref[0])
+    for g, r in zip(got[1], ref[1], strict=True):
+        _close(g, r, 1e-4)

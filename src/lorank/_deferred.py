@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from lorank import _gemm
+
 _local = threading.local()
 #: smaller matrices keep the plain product: their per-step outer products are cheaper than the
 #: Python cost of the deferred nodes (measured on the HSMM, benchmarks/RESULTS.md)
@@ -88,7 +90,7 @@ class MatrixTape:
             if m.dim() == 2:
                 x = torch.cat([v.reshape(-1, m.shape[-2]) for v in xs])
                 g = torch.cat([v.reshape(-1, m.shape[-1]) for v in gs])
-                grads.append(x.t() @ g)
+                grads.append(_gemm.product(x.t(), g))
             else:
                 grads.append(torch.cat(xs, -2).mT @ torch.cat(gs, -2))
             recs.clear()
@@ -102,14 +104,14 @@ class _DeferredMatmul(torch.autograd.Function):
     def forward(ctx, x, m, tape, idx, key):
         ctx.save_for_backward(x, m)
         ctx.tape, ctx.idx, ctx.key = tape, idx, key
-        return torch.matmul(x, m)
+        return _gemm.product(x, m)
 
     @staticmethod
     def backward(ctx, g):
         x, m = ctx.saved_tensors
         if ctx.needs_input_grad[1] and ctx.tape.will_sink_run():
             ctx.tape.records[ctx.idx][ctx.key] = (x, g)
-        gx = torch.matmul(g, m.mT) if ctx.needs_input_grad[0] else None
+        gx = _gemm.product(g, m.mT) if ctx.needs_input_grad[0] else None
         return gx, None, None, None, None
 
 

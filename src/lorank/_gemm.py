@@ -101,6 +101,14 @@ def mm(x: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return y if out is None else out.copy_(y)
 
 
+def product(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(x, m)`` for any shapes it takes, through :func:`mm` when both are 2-D
+    (no autograd: use :func:`matmul` for a differentiable product)."""
+    if x.dim() == 2 and m.dim() == 2:
+        return mm(x, m)
+    return torch.matmul(x, m)
+
+
 class Operand:
     """A right-hand matrix ``m`` (k, p), or one per example (B, k, p), multiplied by many
     (rows, k) left-hand sides: packed once for oneDNN when that pays (``uses`` products of

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorank import _gemm
 from lorank._deferred import current_tape
 from lorank._numerics import records_derivatives, safe_log, stable_shift
 
@@ -48,7 +49,7 @@ def log_matmul_by(b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     else:
 
         def product(x: torch.Tensor) -> torch.Tensor:
-            return torch.matmul(x, eb)
+            return _gemm.matmul(x, eb)
 
     def apply(a: torch.Tensor) -> torch.Tensor:
         am = stable_shift(a, -1)
