@@ -42,6 +42,21 @@ def _close(a, b, tol=2e-5):
     assert ((a - b).abs().max() / scale).item() < tol
 
 
+def _same_on_both(run, backend, count_onednn):
+    """``run() -> (values, gradients)`` on torch.mm (no oneDNN call) and on oneDNN (some):
+    equal to float32 rounding."""
+    backend("torch")
+    ref = run()
+    assert count_onednn["n"] == 0
+    backend("onednn")
+    got = run()
+    assert count_onednn["n"] > 0
+    for g, r in zip(got[0], ref[0], strict=True):
+        _close(g, r)
+    for g, r in zip(got[1], ref[1], strict=True):
+        _close(g, r, 1e-4)
+
+
 @needs_onednn
 @pytest.mark.parametrize("packed", [False, True])
 def test_operand_products_equal_torch(packed, count_onednn, monkeypatch):
@@ -127,7 +142,7 @@ def _hmm_grads(kind: str, gen: torch.Generator):
         fwd_only = lorank.HMM(init, factor, em, lengths=lengths).log_partition
     log_z = lorank.HMM(init, factor, em, lengths=lengths).log_partition
     grads = torch.autograd.grad((log_z * torch.arange(1.0, b + 1)).sum(), [*tensors, em])
-    return fwd_only, log_z.detach(), grads
+    return (fwd_only, log_z.detach()), grads
 
 
 @needs_onednn
@@ -136,16 +151,8 @@ def test_chain_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
     """The scaled chain (forward only, forward + backward, padding) on oneDNN equals torch's."""
     monkeypatch.setattr(_gemm, "MIN_WORK", 0)
     monkeypatch.setattr(_gemm, "MIN_PACK_WORK", 0)
-    backend("torch")
-    ref = _hmm_grads(kind, torch.Generator().manual_seed(2))
-    assert count_onednn["n"] == 0
-    backend("onednn")
-    got = _hmm_grads(kind, torch.Generator().manual_seed(2))
-    assert count_onednn["n"] > 0
-    _close(got[0], ref[0])
-    _close(got[1], ref[1])
-    for g, r in zip(got[2], ref[2], strict=True):
-        _close(g, r, 1e-4)
+    _same_on_both(lambda: _hmm_grads(kind, torch.Generator().manual_seed(2)), backend,
+                  count_onednn)
 
 
 @needs_onednn
@@ -160,16 +167,9 @@ def test_rank_space_same_on_both_backends(count_onednn, backend, monkeypatch):
         leaves = [p.clone().requires_grad_() for p in [*params, em]]
         init, left, right, e = leaves
         log_z = lorank.RankSpaceHMM(init, lorank.LowRank(left, right), e).log_partition
-        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+        return [log_z.detach()], torch.autograd.grad(log_z.sum(), leaves)
 
-    backend("torch")
-    ref = run()
-    backend("onednn")
-    got = run()
-    assert count_onednn["n"] > 0
-    _close(got[0], ref[0])
-    for g, r in zip(got[1], ref[1], strict=True):
-        _close(g, r, 1e-4)
+    _same_on_both(run, backend, count_onednn)
 
 
 @needs_onednn
@@ -185,16 +185,9 @@ def test_memory_light_same_on_both_backends(count_onednn, backend, monkeypatch):
         init, left, right, em = leaves
         hmm = lorank.HMM(init, lorank.LowRank(left, right), em, memory_light=True)
         log_z = hmm.log_partition
-        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+        return [log_z.detach()], torch.autograd.grad(log_z.sum(), leaves)
 
-    backend("torch")
-    ref = run()
-    backend("onednn")
-    got = run()
-    assert count_onednn["n"] > 0
-    _close(got[0], ref[0])
-    for g, r in zip(got[1], ref[1], strict=True):
-        _close(g, r, 1e-4)
+    _same_on_both(run, backend, count_onednn)
 
 
 @pytest.mark.parametrize("value, expect", [("torch", "torch"), ("auto", "auto"), ("mkl", None)])
@@ -294,14 +287,6 @@ def test_hsmm_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
         init, duration, em, *mats = leaves
         factor = lorank.Dense(*mats) if kind == "dense" else lorank.LowRank(*mats)
         log_z = lorank.HSMM(init, factor, duration, em).log_partition
-        return log_z.detach(), torch.autograd.grad(log_z.sum(), leaves)
+        return [log_z.detach()], torch.autograd.grad(log_z.sum(), leaves)
 
-    backend("torch")
-    ref = run()
-    assert count_onednn["n"] == 0
-    backend("onednn")
-    got = run()
-    assert count_onednn["n"] > 0
-    _close(got[0], ref[0])
-    for g, r in zip(got[1], ref[1], strict=True):
-        _close(g, r, 1e-4)
+    _same_on_both(run, backend, count_onednn)
