@@ -814,6 +814,13 @@ def plot(rows, path: Path, machine: str | None = None) -> None:
                 label="forward / bare forward")
     axes[0].bar([i + 0.2 for i in x], [r["fwdbwd"] / r["fwd_bare"] for r in hmm], 0.4,
                 label="fwd+bwd / bare forward")
+    same = [(i, r) for i, r in enumerate(hmm) if "fwd_bare_onednn" in r]
+    if same:  # the same ratios against the bare loop on oneDNN's kernel
+        axes[0].plot([i - 0.2 for i, _ in same], [r["fwd"] / r["fwd_bare_onednn"] for _, r in same],
+                     "k_", ms=9, label="forward / oneDNN bare forward")
+        axes[0].plot([i + 0.2 for i, _ in same],
+                     [r["fwdbwd"] / r["fwd_bare_onednn"] for _, r in same], "kx", ms=5,
+                     label="fwd+bwd / oneDNN bare forward")
     axes[0].axhline(1.15, color="C0", ls="--", lw=1)
     axes[0].axhline(2.5, color="C1", ls="--", lw=1)
     axes[0].set_xticks(list(x), labels, rotation=90, fontsize=6)
