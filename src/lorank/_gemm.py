@@ -151,9 +151,13 @@ class Operand:
 
 
 # ---- a differentiable product -----------------------------------------------------------------
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _plain(t: torch.Tensor) -> bool:
-    """Not a functorch (vmap, grad, jvp) wrapper, whose ops oneDNN's kernel cannot take."""
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """Not a functorch (vmap, grad, jvp) wrapper, whose ops oneDNN's kernel cannot take (in a
+    torch without that query: never taken for plain)."""
+    return _IS_WRAPPED is not None and not _IS_WRAPPED(t)
 
 
 class _MatMul(torch.autograd.Function):
