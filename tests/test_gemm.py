@@ -42,15 +42,15 @@ def _close(a, b, tol=2e-5):
     assert ((a - b).abs().max() / scale).item() < tol
 
 
-def _same_on_both(run, backend, count_onednn):
-    """``run() -> (values, gradients)`` on torch.mm (no oneDNN call) and on oneDNN (some):
-    equal to float32 rounding."""
+def _same_on_both(run, backend, count_onednn, calls: bool = True):
+    """``run() -> (values, gradients)`` on torch.mm (no oneDNN call) and on oneDNN (some, if
+    ``calls``): equal to float32 rounding."""
     backend("torch")
     ref = run()
     assert count_onednn["n"] == 0
     backend("onednn")
     got = run()
-    assert count_onednn["n"] > 0
+    assert (count_onednn["n"] > 0) == calls
     for g, r in zip(got[0], ref[0], strict=True):
         _close(g, r)
     for g, r in zip(got[1], ref[1], strict=True):
@@ -122,8 +122,8 @@ def test_backend_names_are_checked(backend):
     assert _gemm.get_backend() == "torch"
 
 
-def _hmm_grads(kind: str, gen: torch.Generator):
-    z, r, b, t = 48, 12, 6, 9
+def _hmm_grads(kind: str, gen: torch.Generator, t: int = 9, em_grad: bool = True):
+    z, r, b = 48, 12, 6
     init = torch.randn(z, generator=gen).requires_grad_()
     tensors = [init]
     if kind == "dense":
@@ -136,23 +136,67 @@ def _hmm_grads(kind: str, gen: torch.Generator):
         if kind == "lowrank+banded":
             band = torch.randn(z, 3, generator=gen).requires_grad_()
             factor, tensors = factor + lorank.Banded(band, 1), [*tensors, band]
-    em = torch.randn(b, t, z, generator=gen).log_softmax(-1).requires_grad_()
-    lengths = torch.tensor([9, 7, 9, 1, 4, 9])
+    em = torch.randn(b, t, z, generator=gen).log_softmax(-1).requires_grad_(em_grad)
+    lengths = torch.tensor([9, 7, 9, 1, 4, 9]).clamp(max=t)
     with torch.no_grad():
         fwd_only = lorank.HMM(init, factor, em, lengths=lengths).log_partition
     log_z = lorank.HMM(init, factor, em, lengths=lengths).log_partition
-    grads = torch.autograd.grad((log_z * torch.arange(1.0, b + 1)).sum(), [*tensors, em])
+    wrt = [*tensors, em] if em_grad else tensors
+    grads = torch.autograd.grad((log_z * torch.arange(1.0, b + 1)).sum(), wrt)
     return (fwd_only, log_z.detach()), grads
 
 
 @needs_onednn
 @pytest.mark.parametrize("kind", ["dense", "lowrank", "lowrank+banded"])
-def test_chain_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
-    """The scaled chain (forward only, forward + backward, padding) on oneDNN equals torch's."""
+@pytest.mark.parametrize("t, em_grad", [(9, True), (9, False), (1, True)])
+def test_chain_same_on_both_backends(kind, t, em_grad, count_onednn, backend, monkeypatch):
+    """The scaled chain (forward only, forward + backward with and without the emission
+    gradient, one step, padding) on oneDNN equals torch's."""
     monkeypatch.setattr(_gemm, "MIN_WORK", 0)
     monkeypatch.setattr(_gemm, "MIN_PACK_WORK", 0)
-    _same_on_both(lambda: _hmm_grads(kind, torch.Generator().manual_seed(2)), backend,
-                  count_onednn)
+    _same_on_both(lambda: _hmm_grads(kind, torch.Generator().manual_seed(2), t, em_grad),
+                  backend, count_onednn, calls=t > 1)  # one step: no product
+
+
+@needs_onednn
+def test_chain_backward_runs_on_onednn(count_onednn, backend, monkeypatch):
+    """The hand-written backward's products themselves go to oneDNN (not only the forward)."""
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    backend("onednn")
+    gen = torch.Generator().manual_seed(9)
+    left, right = torch.randn(40, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    em = torch.randn(3, 6, 40, generator=gen)
+    log_z = lorank.HMM(torch.zeros(40), lorank.LowRank(left, right), em).log_partition
+    n_forward = count_onednn["n"]
+    assert n_forward >= 2 * 5  # two products per step
+    log_z.sum().backward()
+    assert count_onednn["n"] - n_forward >= 2 * 5 + 2  # two per step, one per weight
+
+
+@needs_onednn
+def test_derivative_modes_never_reach_onednn(count_onednn, monkeypatch):
+    """Forward mode and torch.func through the non-differentiable products (a factor's
+    ``matmul``, ``mm``, an ``Operand``) fall back to torch and keep their tangents."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(10)
+    factor = lorank.LowRank(torch.randn(30, 6, generator=gen), torch.randn(30, 6, generator=gen))
+    p = factor.log_probs().exp()
+    x, dx = torch.rand(4, 30, generator=gen), torch.randn(4, 30, generator=gen)
+    m = torch.randn(30, 20, generator=gen)
+    n0 = count_onednn["n"]  # the reference p itself may be built on oneDNN
+    with fwAD.dual_level():
+        y = factor.matmul(fwAD.make_dual(x, dx))
+        _close(fwAD.unpack_dual(y).tangent, dx @ p, 1e-5)
+        y = _gemm.mm(fwAD.make_dual(x, dx), m)
+        _close(fwAD.unpack_dual(y).tangent, dx @ m, 1e-5)
+        y = _gemm.Operand(m, rows=4, uses=10).mm(fwAD.make_dual(x, dx))
+        _close(fwAD.unpack_dual(y).tangent, dx @ m, 1e-5)
+    _, tangent = torch.func.jvp(factor.matmul, (x,), (dx,))
+    _close(tangent, dx @ p, 1e-5)
+    _close(torch.func.vmap(lambda v: _gemm.mm(v.unsqueeze(0), m))(x).squeeze(1), x @ m, 1e-5)
+    assert count_onednn["n"] == n0
 
 
 @needs_onednn
@@ -288,5 +332,27 @@ def test_hsmm_same_on_both_backends(kind, count_onednn, backend, monkeypatch):
         factor = lorank.Dense(*mats) if kind == "dense" else lorank.LowRank(*mats)
         log_z = lorank.HSMM(init, factor, duration, em).log_partition
         return [log_z.detach()], torch.autograd.grad(log_z.sum(), leaves)
+
+    _same_on_both(run, backend, count_onednn)
+
+
+@needs_onednn
+def test_emission_heads_same_on_both_backends(count_onednn, backend, monkeypatch):
+    """The word and piano-roll heads (float32, through ``matmul``) on both backends."""
+    from lorank.nn.emissions import Bernoulli88Emission, SoftmaxEmission
+
+    monkeypatch.setattr(_gemm, "MIN_WORK", 0)
+    torch.manual_seed(11)
+    word, keys = SoftmaxEmission(vocab_size=50, hidden=16), Bernoulli88Emission(hidden=16)
+    emb = torch.randn(12, 16)
+    tokens = torch.randint(0, 50, (3, 7))
+    roll = (torch.rand(3, 7, 88) < 0.1).float()
+
+    def run():
+        e = emb.clone().requires_grad_()
+        out = [word(e, tokens), keys(e, roll)]
+        params = [e, word.word_emb, word.bias, *keys.parameters()]
+        grads = torch.autograd.grad(sum(o.sum() for o in out), params)
+        return [o.detach() for o in out], grads
 
     _same_on_both(run, backend, count_onednn)

@@ -10,7 +10,10 @@ that multiplies by the same matrix at every step (a chain's transition) then reu
 :class:`Operand` wraps such a loop-invariant right-hand matrix; :func:`mm` is the one-off
 product.  Both give ``torch.mm``'s result (float32 rounding may differ) and fall back to it
 off the CPU, for other dtypes, for small products (where the call overhead dominates),
-under autograd (oneDNN's op has no derivative), and when the backend is ``"torch"``.
+whenever a derivative may be taken (reverse mode, forward mode, ``torch.func``: oneDNN's op
+has no derivative), under CPU autocast, with ``torch.backends.mkldnn`` disabled, and when
+the backend is ``"torch"``.  :func:`matmul` is the differentiable product: a custom
+Function whose gradients (and forward-mode tangent) are oneDNN products too.
 
 The backend: ``"auto"`` (the default: oneDNN where it applies), ``"onednn"`` (the same, but
 an error if oneDNN's op is missing) or ``"torch"`` (always ``torch.mm``).  Set it with
@@ -22,6 +25,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from lorank._numerics import records_derivatives
 
 BACKENDS = ("auto", "onednn", "torch")
 #: products of fewer multiply-adds than this stay with ``torch.mm`` (a oneDNN call costs a
@@ -57,7 +62,7 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_backend = _check_backend(os.environ.get("LORANK_GEMM", "auto"))
+_backend = _check_backend(os.environ.get("LORANK_GEMM") or "auto")
 
 
 def set_backend(name: str) -> str:
@@ -72,17 +77,19 @@ def get_backend() -> str:
     return _backend
 
 
-def _onednn(work: int, *tensors: torch.Tensor) -> bool:
-    """Whether a product of ``work`` multiply-adds of these 2-D operands goes to oneDNN."""
-    if _backend == "torch" or not _AVAILABLE or work < MIN_WORK:
+def _onednn(work: int, *tensors: torch.Tensor, differentiable: bool = False) -> bool:
+    """Whether a product of ``work`` multiply-adds of these 2-D operands goes to oneDNN (with
+    ``differentiable``, through :class:`_MatMul`, which only ``torch.func`` wrappers bar)."""
+    if (_backend == "torch" or not _AVAILABLE or work < MIN_WORK
+            or not torch._C._get_mkldnn_enabled() or torch.is_autocast_enabled("cpu")):
         return False
-    grad = torch.is_grad_enabled()
     return all(
         t.dtype == torch.float32
         and t.device.type == "cpu"
         and t.layout == torch.strided
         and t.dim() == 2
-        and not (grad and t.requires_grad)
+        and not (torch._C._functorch.is_functorch_wrapped_tensor(t) if differentiable
+                 else records_derivatives(t))
         for t in tensors
     )
 
@@ -151,15 +158,6 @@ class Operand:
 
 
 # ---- a differentiable product -----------------------------------------------------------------
-_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-
-
-def _plain(t: torch.Tensor) -> bool:
-    """Not a functorch (vmap, grad, jvp) wrapper, whose ops oneDNN's kernel cannot take (in a
-    torch without that query: never taken for plain)."""
-    return _IS_WRAPPED is not None and not _IS_WRAPPED(t)
-
-
 class _MatMul(torch.autograd.Function):
     """``a @ b`` on oneDNN, with both gradients on oneDNN too (through :func:`matmul`, so a
     higher derivative is differentiable again) and a forward-mode rule."""
@@ -190,9 +188,9 @@ class _MatMul(torch.autograd.Function):
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D) under autograd: oneDNN for the product and its gradients on CPU float32
-    (as :func:`mm`), ``a @ b`` otherwise."""
-    if (a.dim() == 2 and b.dim() == 2 and _plain(a) and _plain(b)
-            and _onednn(a.shape[0] * a.shape[1] * b.shape[1], a.detach(), b.detach())):
+    """``a @ b`` (2-D), differentiable: oneDNN for the product, its gradients and its tangent on
+    CPU float32 (as :func:`mm`; ``torch.func`` transforms fall back), ``a @ b`` otherwise."""
+    if a.dim() == 2 and b.dim() == 2 and _onednn(a.shape[0] * a.shape[1] * b.shape[1], a, b,
+                                                  differentiable=True):
         return _MatMul.apply(a, b)
     return a @ b

@@ -417,8 +417,9 @@ def _with_weights(any_w, *args):
 
 def _backward_loop(gz, pi, e, ah_all, inv, inter, chains, bands, pad, need, g_all, ge, w_all):
     """The body of :func:`backward`: ``g_all`` (T, B, Z) receives dL/d alpha_hat (a view of
-    the emission gradient ``ge``, which it becomes, or scratch); ``w_all`` keeps dL/du for the
-    weight gradients (None if none is needed)."""
+    the emission gradient ``ge``, which it becomes, or scratch: then the plain LowRank loop
+    writes only steps T - 1 and 0, the others stay in its loop variable); ``w_all`` keeps
+    dL/du for the weight gradients (None if none is needed)."""
     t_len, b, z = e.shape
     need_pi, need_em, need_w = need
     alpha_mode = _needs_alpha(chains, bands)

@@ -131,7 +131,7 @@ class SoftmaxEmission(EmissionHead):
         self.bias.copy_((p / p.sum()).log().to(self.bias))
 
     def logits(self, state_emb: torch.Tensor) -> torch.Tensor:
-        """Unnormalized emission logits (Z', V)."""
+        """Unnormalized emission logits (Z', V): a transposed view of :meth:`word_logits`."""
         return self.word_logits(state_emb).T
 
     def word_logits(self, state_emb: torch.Tensor) -> torch.Tensor:
